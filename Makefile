@@ -1,0 +1,30 @@
+# One-word entries. `make quickstart` runs the whole pipeline on CPU, offline; `make test` runs the tests.
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+
+.PHONY: setup quickstart test bench lint clean-venv
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml requirements.lock
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -c requirements.lock -e '.[dev]'
+	touch $@
+
+quickstart: setup
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pipelines.quickstart
+
+test: setup
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest
+
+bench: setup
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest tests/benchmarks --benchmark-only --benchmark-columns=min,median,mean,rounds
+
+lint: setup
+	$(BIN)/ruff check infinito pipelines tests
+	$(BIN)/ruff format --check infinito pipelines tests
+
+clean-venv:
+	rm -rf $(VENV)

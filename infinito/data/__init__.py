@@ -1,0 +1,1 @@
+"""The data stages: ``download`` (raw text splits) and ``tokenize`` (GPT-2 BPE memmaps)."""
