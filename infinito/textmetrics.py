@@ -43,7 +43,7 @@ def distinct_n(samples: Sequence[Sequence[Hashable]], n: int) -> float:
 
 
 def repeated_ngram_rate(samples: Sequence[Sequence[Hashable]], n: int = 4) -> float:
-    """Share of n-grams that repeat an earlier n-gram of the same sample; 0.0 when there are none."""
+    """Share of n-grams repeating an earlier n-gram of the same sample; 0.0 when there are none."""
     total = repeated = 0
     for s in samples:
         seen: set[tuple[Hashable, ...]] = set()
