@@ -1,0 +1,359 @@
+"""benchmark-inference stage: latency and throughput of INFINITO's decoding.
+
+``python -m infinito.benchmark --model models/best --metrics metrics/benchmark.json`` reads the
+``benchmark`` section of ``params.yaml`` and, for each batch size x prompt length, times greedy
+decoding of ``new_tokens`` tokens (end-of-text disabled, so every run has the same length):
+
+- the IIT model and the ablation (``model.iit=false``) at the same dimensions; the checkpoint
+  supplies one of them, the other is built with a seeded random init (speed does not depend on
+  the weights);
+- each with and without the KV cache;
+- Hugging Face's ``GPT2LMHeadModel.generate`` at the same dimensions (random init, greedy, KV
+  cache) as an outside reference, when ``benchmark.hf_reference`` is true.
+
+Per configuration the file holds time to first token (median over repeats), per-token latency
+p50/p95 over every later decode step of every repeat, and tokens/s (batch x new tokens over the
+median wall time of a run). ``warmup`` runs per configuration are discarded. Device work is
+synchronised before every timestamp. Keys are flat, ``{variant}_{kv|nokv}_b{B}_p{P}_{metric}``
+and ``hf_b{B}_p{P}_{metric}``, plus ratios ``speedup_vs_hf_b{B}_p{P}`` (IIT with cache over HF),
+``kv_speedup_{variant}_b{B}_p{P}`` and ``iit_over_ablation_b{B}_p{P}``.
+
+Step timing needs no instrumentation inside the model: ``Infinito.generate`` runs one forward
+pass per token, and a forward hook records when each one finishes, so what is timed is the
+same ``generate`` that the generate-samples stage calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from infinito.atomic import write_json
+from infinito.config import BenchmarkConfig, ConfigError, ModelConfig, load_params
+from infinito.runtime import autocast, resolve_device, resolve_dtype, synchronize
+
+METRICS = ("ttft_ms", "p50_ms", "p95_ms", "tokens_per_sec")
+
+
+@dataclasses.dataclass
+class RunTimes:
+    """Timestamps of one decoding run: when it started and when each new token was ready."""
+
+    start: float
+    token_ready: list[float]
+
+    @property
+    def ttft(self) -> float:
+        return self.token_ready[0] - self.start
+
+    @property
+    def steps(self) -> list[float]:
+        t = self.token_ready
+        return [b - a for a, b in zip(t, t[1:], strict=False)]
+
+    @property
+    def total(self) -> float:
+        return self.token_ready[-1] - self.start
+
+
+def summarise(runs: list[RunTimes], batch: int, new_tokens: int) -> dict[str, float]:
+    """TTFT median, per-token p50/p95 over all later steps, tokens/s over the median run."""
+    steps = [s for r in runs for s in r.steps]
+    total = statistics.median(r.total for r in runs)
+    return {
+        "ttft_ms": statistics.median(r.ttft for r in runs) * 1e3,
+        # With new_tokens=1 there is no later step; the first token is then the only latency.
+        "p50_ms": float(np.percentile(steps, 50)) * 1e3 if steps else runs[0].ttft * 1e3,
+        "p95_ms": float(np.percentile(steps, 95)) * 1e3 if steps else runs[0].ttft * 1e3,
+        "tokens_per_sec": batch * new_tokens / total,
+    }
+
+
+def check_grid(cfg: BenchmarkConfig, block_size: int) -> None:
+    """Every prompt plus its new tokens must fit the model's context, so no run is cropped."""
+    longest = max(cfg.prompt_lengths)
+    if longest + cfg.new_tokens > block_size:
+        raise ConfigError(
+            f"benchmark.prompt_lengths max {longest} + benchmark.new_tokens {cfg.new_tokens} = "
+            f"{longest + cfg.new_tokens} exceeds model.block_size={block_size}; lower "
+            f"benchmark.prompt_lengths or benchmark.new_tokens"
+        )
+
+
+def read_model_config(model_dir: Path) -> ModelConfig:
+    """The checkpoint's ModelConfig, read without loading any weights."""
+    path = model_dir / "config.json"
+    if not path.is_file():
+        raise ConfigError(
+            f"{model_dir} is not a checkpoint (no config.json); train first (dvc repro train) "
+            f"or pass --model pointing at a directory written by Infinito.save"
+        )
+    with path.open() as f:
+        return ModelConfig.from_dict(json.load(f))
+
+
+def time_runs(run_once: Callable[[], RunTimes], warmup: int, repeats: int) -> list[RunTimes]:
+    for _ in range(warmup):
+        run_once()
+    return [run_once() for _ in range(repeats)]
+
+
+def infinito_run(
+    model: torch.nn.Module,
+    idx: torch.Tensor,
+    new_tokens: int,
+    use_cache: bool,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> RunTimes:
+    """One greedy ``generate`` call; a forward hook stamps the end of every forward pass."""
+    stamps: list[float] = []
+
+    def stamp(*_: Any) -> None:
+        synchronize(device)
+        stamps.append(time.perf_counter())
+
+    handle = model.register_forward_hook(stamp)
+    try:
+        synchronize(device)
+        start = time.perf_counter()
+        with torch.no_grad(), autocast(device, dtype):
+            out = model.generate(
+                idx, new_tokens, temperature=0.0, eos_token_id=None, use_cache=use_cache
+            )
+        synchronize(device)
+        end = time.perf_counter()
+    finally:
+        handle.remove()
+    if out.shape[1] != idx.shape[1] + new_tokens:
+        raise RuntimeError(
+            f"generate returned {out.shape[1] - idx.shape[1]} new tokens, expected {new_tokens}"
+        )
+    if len(stamps) != new_tokens:
+        raise RuntimeError(
+            f"Infinito.generate ran {len(stamps)} forward passes for {new_tokens} tokens; "
+            f"step timing relies on one forward pass per new token"
+        )
+    # The last token is chosen after the last forward pass: count it when generate returns.
+    return RunTimes(start, stamps[:-1] + [end])
+
+
+def hf_run(
+    model: torch.nn.Module,
+    idx: torch.Tensor,
+    new_tokens: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> RunTimes:
+    """One greedy ``GPT2LMHeadModel.generate`` call; its streamer stamps every new token."""
+    from transformers.generation.streamers import BaseStreamer
+
+    class Stamps(BaseStreamer):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def put(self, value: torch.Tensor) -> None:
+            synchronize(device)
+            self.times.append(time.perf_counter())
+
+        def end(self) -> None:
+            pass
+
+    streamer = Stamps()
+    synchronize(device)
+    start = time.perf_counter()
+    with torch.no_grad(), autocast(device, dtype):
+        out = model.generate(
+            idx,
+            attention_mask=torch.ones_like(idx),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            use_cache=True,
+            pad_token_id=0,
+            streamer=streamer,
+        )
+    synchronize(device)
+    if out.shape[1] != idx.shape[1] + new_tokens:
+        raise RuntimeError(f"HF generate returned {out.shape[1] - idx.shape[1]} new tokens")
+    # The streamer's first put is the prompt; the others are the new tokens.
+    return RunTimes(start, streamer.times[1:])
+
+
+def hf_reference_model(mcfg: ModelConfig, seed: int, device: torch.device) -> torch.nn.Module:
+    """GPT-2 at INFINITO's dimensions, random init, eval mode."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=mcfg.vocab_size,
+        n_positions=mcfg.block_size,
+        n_embd=mcfg.d_model,
+        n_layer=mcfg.n_layer,
+        n_head=mcfg.n_head,
+    )
+    return GPT2LMHeadModel(config).to(device).eval()
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Process peak RSS on CPU (Linux reports kB); max allocated tensor memory on CUDA."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+
+
+def run_benchmark(
+    cfg: BenchmarkConfig,
+    seed: int,
+    model_dir: Path,
+    metrics_path: Path | None,
+    device: str = "auto",
+    precision: str = "auto",
+) -> dict[str, Any]:
+    """Time the grid and write ``metrics_path`` (when given); returns the flat metrics."""
+    from infinito.model import Infinito
+
+    mcfg = read_model_config(model_dir)
+    check_grid(cfg, mcfg.block_size)
+    dev = resolve_device(device)
+    dtype = resolve_dtype(precision, dev)
+
+    checkpoint = Infinito.from_checkpoint(model_dir, map_location=str(dev)).to(dev).eval()
+    torch.manual_seed(seed)
+    other = Infinito(dataclasses.replace(mcfg, iit=not mcfg.iit)).to(dev).eval()
+    models = (
+        {"iit": checkpoint, "ablation": other}
+        if mcfg.iit
+        else {"iit": other, "ablation": checkpoint}
+    )
+
+    metrics: dict[str, Any] = {
+        "device": str(dev),
+        "dtype": str(dtype).removeprefix("torch."),
+        "threads": torch.get_num_threads(),
+        "torch_version": torch.__version__,
+        "checkpoint_variant": "iit" if mcfg.iit else "ablation",
+        "new_tokens": cfg.new_tokens,
+        "repeats": cfg.repeats,
+        "warmup": cfg.warmup,
+    }
+    gen = torch.Generator().manual_seed(seed)
+    prompts = {
+        (b, p): torch.randint(0, mcfg.vocab_size, (b, p), generator=gen).to(dev)
+        for b in cfg.batch_sizes
+        for p in cfg.prompt_lengths
+    }
+
+    def record(prefix: str, runs: list[RunTimes], batch: int) -> None:
+        for key, value in summarise(runs, batch, cfg.new_tokens).items():
+            metrics[f"{prefix}_{key}"] = value
+        if dev.type == "cuda":
+            metrics[f"{prefix}_peak_memory_mb"] = peak_memory_mb(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
+
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    for name, model in models.items():
+        for use_cache in (True, False):
+            for (b, p), idx in prompts.items():
+                runs = time_runs(
+                    lambda m=model, x=idx, c=use_cache: infinito_run(
+                        m, x, cfg.new_tokens, c, dev, dtype
+                    ),
+                    cfg.warmup,
+                    cfg.repeats,
+                )
+                record(f"{name}_{'kv' if use_cache else 'nokv'}_b{b}_p{p}", runs, b)
+
+    if cfg.hf_reference:
+        hf = hf_reference_model(mcfg, seed, dev)
+        for (b, p), idx in prompts.items():
+            runs = time_runs(
+                lambda x=idx: hf_run(hf, x, cfg.new_tokens, dev, dtype), cfg.warmup, cfg.repeats
+            )
+            record(f"hf_b{b}_p{p}", runs, b)
+
+    for b, p in prompts:
+        grid = f"b{b}_p{p}"
+        for name in models:
+            metrics[f"kv_speedup_{name}_{grid}"] = (
+                metrics[f"{name}_kv_{grid}_tokens_per_sec"]
+                / metrics[f"{name}_nokv_{grid}_tokens_per_sec"]
+            )
+        metrics[f"iit_over_ablation_{grid}"] = (
+            metrics[f"iit_kv_{grid}_tokens_per_sec"] / metrics[f"ablation_kv_{grid}_tokens_per_sec"]
+        )
+        if cfg.hf_reference:
+            metrics[f"speedup_vs_hf_{grid}"] = (
+                metrics[f"iit_kv_{grid}_tokens_per_sec"] / metrics[f"hf_{grid}_tokens_per_sec"]
+            )
+    metrics["peak_memory_mb"] = peak_memory_mb(dev)
+    metrics["peak_memory_kind"] = "max_allocated" if dev.type == "cuda" else "rss"
+    if metrics_path is not None:
+        write_json(metrics_path, metrics)
+    return metrics
+
+
+def quick(cfg: BenchmarkConfig) -> BenchmarkConfig:
+    """A seconds-long smoke run: batch 1, one short prompt, few tokens, one repeat."""
+    return dataclasses.replace(
+        cfg, batch_sizes=(1,), prompt_lengths=(8,), new_tokens=8, repeats=1, warmup=1
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="infinito benchmark",
+        description="Time INFINITO's decoding (and HF GPT-2's) over the benchmark grid.",
+    )
+    p.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file")
+    p.add_argument(
+        "--model",
+        "--checkpoint",
+        dest="model",
+        type=Path,
+        default=Path("models/best"),
+        help="checkpoint directory (default models/best)",
+    )
+    p.add_argument("--metrics", type=Path, help="write the metrics JSON here")
+    p.add_argument(
+        "--quick", action="store_true", help="smoke run: batch 1, prompt 8, 8 new tokens, 1 repeat"
+    )
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: train.device)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        params = load_params(args.params)
+        cfg = quick(params.benchmark) if args.quick else params.benchmark
+        metrics = run_benchmark(
+            cfg,
+            params.seed,
+            args.model,
+            args.metrics,
+            device=args.device or params.train.device,
+            precision=params.train.precision,
+        )
+    except ConfigError as e:
+        print(f"infinito benchmark: {e}", file=sys.stderr)
+        return 2
+    for key, value in metrics.items():
+        print(f"{key}: {value:.3f}" if isinstance(value, float) else f"{key}: {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""generate-samples stage: options, metrics, the samples file, and a run on a tiny checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from infinito.config import ConfigError, GenerateConfig
+from infinito.generate import (
+    GenerationResult,
+    Sample,
+    build_parser,
+    check_vocab,
+    config_from_args,
+    generate_samples,
+    main,
+    render_markdown,
+    sample_metrics,
+    sampling_kwargs,
+)
+
+METRIC_KEYS = {
+    "distinct_1",
+    "distinct_2",
+    "distinct_3",
+    "repeated_4gram_rate",
+    "self_bleu",
+    "mean_length_tokens",
+    "generation_tokens_per_sec",
+    "n_samples",
+    "eos_rate",
+}
+
+
+def _args(*argv: str) -> GenerateConfig:
+    return config_from_args(GenerateConfig(), build_parser().parse_args(list(argv)))
+
+
+def test_seed_cli_options_override_params() -> None:
+    cfg = _args(
+        "--checkpoint",
+        "models/best",
+        "--prompt",
+        "Artificial intelligence is",
+        "--length",
+        "100",
+        "--temperature",
+        "0.8",
+        "--top-k",
+        "0",
+        "--top-p",
+        "0.9",
+        "--repetition-penalty",
+        "1.3",
+    )
+    assert cfg.prompts == ("Artificial intelligence is",)
+    assert (cfg.max_new_tokens, cfg.temperature, cfg.top_k) == (100, 0.8, 0)
+    assert (cfg.top_p, cfg.repetition_penalty) == (0.9, 1.3)
+    args = build_parser().parse_args(["--checkpoint", "x", "--model", "y"])
+    assert args.model == Path("y")  # the two names are one option
+
+
+def test_prompt_repeats_and_greedy() -> None:
+    cfg = _args("--prompt", "a", "--prompt", "b", "--greedy")
+    assert cfg.prompts == ("a", "b")
+    assert cfg.temperature == 0.0
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--greedy", "--temperature", "0.5"])
+
+
+def test_bad_override_names_the_key() -> None:
+    with pytest.raises(ConfigError, match="generate.top_p"):
+        _args("--top-p", "1.5")
+    with pytest.raises(ConfigError, match="generate.temperature"):
+        _args("--temperature", "-1")
+
+
+def test_sampling_kwargs_map_disabling_values_to_none() -> None:
+    kw = sampling_kwargs(GenerateConfig(top_k=0, top_p=1.0, temperature=0.0))
+    assert kw["top_k"] is None and kw["top_p"] is None and kw["temperature"] == 0.0
+    kw = sampling_kwargs(GenerateConfig(top_k=5, top_p=0.5))
+    assert kw["top_k"] == 5 and kw["top_p"] == 0.5
+
+
+def test_vocab_check_names_the_key(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="model.vocab_size=100"):
+        check_vocab(100, 50257, tmp_path)
+    check_vocab(50257, 50257, tmp_path)
+
+
+def _result(texts: list[str], eos: list[bool]) -> GenerationResult:
+    samples = [
+        Sample("The prompt", i + 1, t, len(t.split()), e)
+        for i, (t, e) in enumerate(zip(texts, eos, strict=True))
+    ]
+    return GenerationResult(
+        samples, seconds=2.0, tokens_generated=sum(len(t.split()) for t in texts)
+    )
+
+
+def test_metrics_expose_a_degenerate_loop() -> None:
+    loop = _result([" the" * 40, " the" * 40], [False, False])
+    varied = _result(
+        [" a quick brown fox jumps over the lazy dog", " rain fell on seven quiet valleys today"],
+        [True, False],
+    )
+    m_loop, m_varied = sample_metrics(loop), sample_metrics(varied)
+    assert set(m_loop) == METRIC_KEYS
+    assert m_loop["distinct_1"] < 0.05 and m_varied["distinct_1"] > 0.9
+    assert m_loop["distinct_2"] < 0.05 and m_varied["distinct_2"] == pytest.approx(1.0)
+    assert m_loop["repeated_4gram_rate"] > 0.9 and m_varied["repeated_4gram_rate"] == 0.0
+    assert m_loop["self_bleu"] > 90 and m_varied["self_bleu"] < 10
+    assert m_loop["mean_length_tokens"] == pytest.approx(40.0)
+    assert m_loop["generation_tokens_per_sec"] == pytest.approx(40.0)
+    assert m_loop["eos_rate"] == 0.0 and m_varied["eos_rate"] == pytest.approx(0.5)
+    assert m_varied["n_samples"] == 2
+
+
+def test_markdown_lists_settings_then_each_prompt_and_continuation() -> None:
+    cfg = GenerateConfig(prompts=("The prompt",), samples_per_prompt=2, top_k=0)
+    text = render_markdown(
+        _result([" first ``` tricky", " second"], [True, False]), cfg, 7, Path("models/best")
+    )
+    assert text.index("| temperature | 0.8 |") < text.index("## Sample 1")
+    assert "| top_k | off |" in text and "| seed | 7 |" in text
+    assert "stopped at end-of-text" in text and "reached max_new_tokens" in text
+    # A continuation containing ``` is fenced with a longer fence, so it shows verbatim.
+    assert "````text\n first ``` tricky\n````" in text
+    assert text.index(" first ```") < text.index(" second")
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no config.json"):
+        generate_samples(GenerateConfig(), 0, tmp_path / "nope", None, None, device="cpu")
+
+
+def test_main_reports_bad_input_without_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    params = tmp_path / "params.yaml"
+    params.write_text("seed: 1\n")
+    rc = main(["--params", str(params), "--model", str(tmp_path / "nope"), "--top-k", "-2"])
+    assert rc == 2
+    assert "generate.top_k" in capsys.readouterr().err
