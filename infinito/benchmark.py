@@ -18,9 +18,11 @@ synchronised before every timestamp. Keys are flat, ``{variant}_{kv|nokv}_b{B}_p
 and ``hf_b{B}_p{P}_{metric}``, plus ratios ``speedup_vs_hf_b{B}_p{P}`` (IIT with cache over HF),
 ``kv_speedup_{variant}_b{B}_p{P}`` and ``iit_over_ablation_b{B}_p{P}``.
 
-Step timing needs no instrumentation inside the model: ``Infinito.generate`` runs one forward
-pass per token, and a forward hook records when each one finishes, so what is timed is the
-same ``generate`` that the generate-samples stage calls.
+Step timing needs no instrumentation inside the model: ``Infinito.generate`` applies the output
+head once per new token, and a forward hook on it records when each step's forward pass ends, so
+what is timed is the same ``generate`` that the generate-samples stage calls (HF's is stamped by
+a streamer). The memory read costs the same whatever the memory holds (every slot is scored,
+empty ones masked), so the checkpoint's memory is used as saved.
 """
 
 from __future__ import annotations
@@ -110,21 +112,25 @@ def time_runs(run_once: Callable[[], RunTimes], warmup: int, repeats: int) -> li
 
 
 def infinito_run(
-    model: torch.nn.Module,
+    model: Any,
     idx: torch.Tensor,
     new_tokens: int,
     use_cache: bool,
     device: torch.device,
     dtype: torch.dtype,
 ) -> RunTimes:
-    """One greedy ``generate`` call; a forward hook stamps the end of every forward pass."""
+    """One greedy ``Infinito.generate`` call, stamped once per decoding step.
+
+    ``generate`` applies ``lm_head`` once per new token (to the last position only), so a
+    forward hook on it marks the end of each step's forward pass.
+    """
     stamps: list[float] = []
 
     def stamp(*_: Any) -> None:
         synchronize(device)
         stamps.append(time.perf_counter())
 
-    handle = model.register_forward_hook(stamp)
+    handle = model.lm_head.register_forward_hook(stamp)
     try:
         synchronize(device)
         start = time.perf_counter()
@@ -136,16 +142,13 @@ def infinito_run(
         end = time.perf_counter()
     finally:
         handle.remove()
-    if out.shape[1] != idx.shape[1] + new_tokens:
+    if out.shape[1] != idx.shape[1] + new_tokens or len(stamps) != new_tokens:
         raise RuntimeError(
-            f"generate returned {out.shape[1] - idx.shape[1]} new tokens, expected {new_tokens}"
+            f"Infinito.generate made {out.shape[1] - idx.shape[1]} tokens in {len(stamps)} "
+            f"output-head calls, expected {new_tokens} of each; step timing relies on one "
+            f"lm_head call per new token"
         )
-    if len(stamps) != new_tokens:
-        raise RuntimeError(
-            f"Infinito.generate ran {len(stamps)} forward passes for {new_tokens} tokens; "
-            f"step timing relies on one forward pass per new token"
-        )
-    # The last token is chosen after the last forward pass: count it when generate returns.
+    # The last token is chosen after the last head call: it is ready when generate returns.
     return RunTimes(start, stamps[:-1] + [end])
 
 
@@ -222,10 +225,10 @@ def run_benchmark(
     precision: str = "auto",
 ) -> dict[str, Any]:
     """Time the grid and write ``metrics_path`` (when given); returns the flat metrics."""
-    from infinito.model import Infinito
-
     mcfg = read_model_config(model_dir)
     check_grid(cfg, mcfg.block_size)
+    from infinito.model import Infinito
+
     dev = resolve_device(device)
     dtype = resolve_dtype(precision, dev)
 
