@@ -14,6 +14,7 @@ values with an error that names the key and says what is allowed::
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -147,13 +148,20 @@ class DataConfig(Section):
     split_fractions: tuple[float, ...] = (0.9, 0.05, 0.05)  # train/validation/test
 
     def __post_init__(self) -> None:
-        _check(bool(self.source.strip()), "data.source", self.source,
-               f"must be 'builtin', one of {', '.join(WIKITEXT_SOURCES)}, or a local path")
+        _check(
+            bool(self.source.strip()),
+            "data.source",
+            self.source,
+            f"must be 'builtin', one of {', '.join(WIKITEXT_SOURCES)}, or a local path",
+        )
         _check(self.seq_len >= 2, "data.seq_len", self.seq_len, "must be at least 2")
         f = self.split_fractions
-        _check(len(f) == 3 and all(x > 0 for x in f) and abs(sum(f) - 1.0) < 1e-6,
-               "data.split_fractions", list(f),
-               "must be three positive fractions (train, validation, test) summing to 1")
+        _check(
+            len(f) == 3 and all(x > 0 for x in f) and abs(sum(f) - 1.0) < 1e-6,
+            "data.split_fractions",
+            list(f),
+            "must be three positive fractions (train, validation, test) summing to 1",
+        )
 
 
 @dataclass(frozen=True)
@@ -183,20 +191,44 @@ class ModelConfig(Section):
         for key in ("vocab_size", "d_model", "n_layer", "n_head", "block_size"):
             v = getattr(self, key)
             _check(v >= 1, f"model.{key}", v, "must be a positive integer")
-        _check(self.d_model % self.n_head == 0, "model.n_head", self.n_head,
-               f"must divide model.d_model={self.d_model}")
+        _check(
+            self.d_model % self.n_head == 0,
+            "model.n_head",
+            self.n_head,
+            f"must divide model.d_model={self.d_model}",
+        )
         _check(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "must be in [0, 1)")
-        _check(self.memory_slots >= 1, "model.memory_slots", self.memory_slots,
-               "must be a positive integer")
-        _check(2 <= self.phi_chunk, "model.phi_chunk", self.phi_chunk,
-               "must be at least 2 (PHI compares consecutive states within a chunk)")
-        _check(0.0 < self.threshold_init < 10.0, "model.threshold_init", self.threshold_init,
-               "must be in (0, 10), the PHI scale")
-        _check(self.threshold_temperature > 0, "model.threshold_temperature",
-               self.threshold_temperature, "must be positive")
+        _check(
+            self.memory_slots >= 1,
+            "model.memory_slots",
+            self.memory_slots,
+            "must be a positive integer",
+        )
+        _check(
+            self.phi_chunk >= 2,
+            "model.phi_chunk",
+            self.phi_chunk,
+            "must be at least 2 (PHI compares consecutive states within a chunk)",
+        )
+        _check(
+            0.0 < self.threshold_init < 10.0,
+            "model.threshold_init",
+            self.threshold_init,
+            "must be in (0, 10), the PHI scale",
+        )
+        _check(
+            self.threshold_temperature > 0,
+            "model.threshold_temperature",
+            self.threshold_temperature,
+            "must be positive",
+        )
         _check(self.noise_std >= 0, "model.noise_std", self.noise_std, "must be >= 0")
-        _check(0.0 <= self.phi_priority_weight <= 1.0, "model.phi_priority_weight",
-               self.phi_priority_weight, "must be in [0, 1]")
+        _check(
+            0.0 <= self.phi_priority_weight <= 1.0,
+            "model.phi_priority_weight",
+            self.phi_priority_weight,
+            "must be in [0, 1]",
+        )
 
     @property
     def head_dim(self) -> int:
@@ -247,29 +279,57 @@ class TrainConfig(Section):
 
     def __post_init__(self) -> None:
         _check(self.warmup_steps >= 0, "train.warmup_steps", self.warmup_steps, "must be >= 0")
-        _check(0.0 <= self.min_lr_ratio <= 1.0, "train.min_lr_ratio", self.min_lr_ratio,
-               "must be in [0, 1]")
-        _check(0.0 < self.plateau_factor < 1.0, "train.plateau_factor", self.plateau_factor,
-               "must be in (0, 1)")
-        _check(self.plateau_patience >= 0, "train.plateau_patience", self.plateau_patience,
-               "must be >= 0")
+        _check(
+            0.0 <= self.min_lr_ratio <= 1.0,
+            "train.min_lr_ratio",
+            self.min_lr_ratio,
+            "must be in [0, 1]",
+        )
+        _check(
+            0.0 < self.plateau_factor < 1.0,
+            "train.plateau_factor",
+            self.plateau_factor,
+            "must be in (0, 1)",
+        )
+        _check(
+            self.plateau_patience >= 0,
+            "train.plateau_patience",
+            self.plateau_patience,
+            "must be >= 0",
+        )
         _check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "must be >= 0")
         for key in ("beta1", "beta2"):
             v = getattr(self, key)
             _check(0.0 <= v < 1.0, f"train.{key}", v, "must be in [0, 1)")
         _check(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, "must be >= 0 (0 disables)")
-        _check(self.eval_every_steps >= 0, "train.eval_every_steps", self.eval_every_steps,
-               "must be >= 0 (0: once per epoch)")
+        _check(
+            self.eval_every_steps >= 0,
+            "train.eval_every_steps",
+            self.eval_every_steps,
+            "must be >= 0 (0: once per epoch)",
+        )
         _check(self.patience >= 1, "train.patience", self.patience, "must be at least 1")
         _check(self.min_delta >= 0, "train.min_delta", self.min_delta, "must be >= 0")
         dev = self.device
-        _check(dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit()),
-               "train.device", dev, "must be auto, cpu, cuda or cuda:N")
-        _check(self.max_steps is None or self.max_steps >= 1, "train.max_steps", self.max_steps,
-               "must be null or a positive integer")
+        _check(
+            dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit()),
+            "train.device",
+            dev,
+            "must be auto, cpu, cuda or cuda:N",
+        )
+        _check(
+            self.max_steps is None or self.max_steps >= 1,
+            "train.max_steps",
+            self.max_steps,
+            "must be null or a positive integer",
+        )
         _check(self.log_every >= 1, "train.log_every", self.log_every, "must be at least 1")
-        _check(self.nproc_per_node >= 1, "train.nproc_per_node", self.nproc_per_node,
-               "must be at least 1")
+        _check(
+            self.nproc_per_node >= 1,
+            "train.nproc_per_node",
+            self.nproc_per_node,
+            "must be at least 1",
+        )
 
 
 @dataclass(frozen=True)
@@ -284,10 +344,18 @@ class EvaluateConfig(Section):
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, "evaluate.batch_size", self.batch_size, "must be >= 1")
-        _check(self.sliding_stride is None or self.sliding_stride >= 1,
-               "evaluate.sliding_stride", self.sliding_stride, "must be null or >= 1")
-        _check(len(self.splits) >= 1, "evaluate.splits", list(self.splits),
-               "must name at least one of train, validation, test")
+        _check(
+            self.sliding_stride is None or self.sliding_stride >= 1,
+            "evaluate.sliding_stride",
+            self.sliding_stride,
+            "must be null or >= 1",
+        )
+        _check(
+            len(self.splits) >= 1,
+            "evaluate.splits",
+            list(self.splits),
+            "must name at least one of train, validation, test",
+        )
 
 
 @dataclass(frozen=True)
@@ -296,7 +364,12 @@ class GenerateConfig(Section):
 
     SECTION: typing.ClassVar[str] = "generate"
 
-    prompts: tuple[str, ...] = ("Artificial intelligence is",)
+    prompts: tuple[str, ...] = (
+        "Artificial intelligence is",
+        "The history of",
+        "In the beginning",
+        "Scientists have discovered",
+    )
     max_new_tokens: int = 100
     samples_per_prompt: int = 2
     temperature: float = 0.8  # 0: greedy
@@ -305,19 +378,37 @@ class GenerateConfig(Section):
     repetition_penalty: float = 1.1  # 1.0 disables
 
     def __post_init__(self) -> None:
-        _check(len(self.prompts) >= 1 and all(p.strip() for p in self.prompts),
-               "generate.prompts", list(self.prompts), "must be a list of non-empty strings")
-        _check(self.max_new_tokens >= 1, "generate.max_new_tokens", self.max_new_tokens,
-               "must be >= 1")
-        _check(self.samples_per_prompt >= 1, "generate.samples_per_prompt",
-               self.samples_per_prompt, "must be >= 1")
-        _check(self.temperature >= 0, "generate.temperature", self.temperature,
-               "must be >= 0 (0: greedy)")
+        _check(
+            len(self.prompts) >= 1 and all(p.strip() for p in self.prompts),
+            "generate.prompts",
+            list(self.prompts),
+            "must be a list of non-empty strings",
+        )
+        _check(
+            self.max_new_tokens >= 1, "generate.max_new_tokens", self.max_new_tokens, "must be >= 1"
+        )
+        _check(
+            self.samples_per_prompt >= 1,
+            "generate.samples_per_prompt",
+            self.samples_per_prompt,
+            "must be >= 1",
+        )
+        _check(
+            self.temperature >= 0,
+            "generate.temperature",
+            self.temperature,
+            "must be >= 0 (0: greedy)",
+        )
         _check(self.top_k >= 0, "generate.top_k", self.top_k, "must be >= 0 (0 disables)")
-        _check(0.0 < self.top_p <= 1.0, "generate.top_p", self.top_p,
-               "must be in (0, 1] (1 disables)")
-        _check(self.repetition_penalty >= 1.0, "generate.repetition_penalty",
-               self.repetition_penalty, "must be >= 1 (1 disables)")
+        _check(
+            0.0 < self.top_p <= 1.0, "generate.top_p", self.top_p, "must be in (0, 1] (1 disables)"
+        )
+        _check(
+            self.repetition_penalty >= 1.0,
+            "generate.repetition_penalty",
+            self.repetition_penalty,
+            "must be >= 1 (1 disables)",
+        )
 
 
 @dataclass(frozen=True)
@@ -336,8 +427,12 @@ class BenchmarkConfig(Section):
     def __post_init__(self) -> None:
         for key in ("batch_sizes", "prompt_lengths"):
             v = getattr(self, key)
-            _check(len(v) >= 1 and all(x >= 1 for x in v), f"benchmark.{key}", list(v),
-                   "must be a non-empty list of positive integers")
+            _check(
+                len(v) >= 1 and all(x >= 1 for x in v),
+                f"benchmark.{key}",
+                list(v),
+                "must be a non-empty list of positive integers",
+            )
         _check(self.new_tokens >= 1, "benchmark.new_tokens", self.new_tokens, "must be >= 1")
         _check(self.repeats >= 1, "benchmark.repeats", self.repeats, "must be >= 1")
         _check(self.warmup >= 0, "benchmark.warmup", self.warmup, "must be >= 0")
@@ -375,11 +470,19 @@ class Params(Section):
         _check(self.lr > 0, "lr", self.lr, "must be positive")
         _check(self.lambda_phi >= 0, "lambda_phi", self.lambda_phi, "must be >= 0 (0 disables)")
         _check(self.seed >= 0, "seed", self.seed, "must be a non-negative integer")
-        _check(self.data.seq_len <= self.model.block_size, "data.seq_len", self.data.seq_len,
-               f"must be <= model.block_size={self.model.block_size} (the model's context)")
+        _check(
+            self.data.seq_len <= self.model.block_size,
+            "data.seq_len",
+            self.data.seq_len,
+            f"must be <= model.block_size={self.model.block_size} (the model's context)",
+        )
         stride = self.evaluate.sliding_stride
-        _check(stride is None or stride <= self.data.seq_len, "evaluate.sliding_stride", stride,
-               f"must be <= data.seq_len={self.data.seq_len}")
+        _check(
+            stride is None or stride <= self.data.seq_len,
+            "evaluate.sliding_stride",
+            stride,
+            f"must be <= data.seq_len={self.data.seq_len}",
+        )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None, prefix: str | None = None) -> Params:
@@ -402,14 +505,57 @@ class Params(Section):
         return cls(**values)
 
 
-def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
+class ParamsLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, stricter and closer to YAML 1.2 for ``params.yaml``.
+
+    - ``1e-4`` and ``1e-05`` are floats (PyYAML's YAML 1.1 rules read them as strings, but DVC's
+      ``-S lr=1e-5`` writes exactly that form);
+    - only ``true``/``false`` are booleans (``yes``/``no``/``on``/``off`` stay strings, as DVC
+      reads them, so ``model.iit: yes`` is an error instead of a silent True);
+    - a key given twice in one mapping is an error instead of the last one silently winning.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, typing.Hashable):
+                continue  # the base class reports unhashable keys
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}: give each key once", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+# YAML 1.2 booleans, as DVC reads them: only true/false (PyYAML also takes yes/no/on/off).
+ParamsLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+ParamsLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+ParamsLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def load_params(
+    path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None
+) -> Params:
     """Read and validate ``params.yaml``; ``overrides`` maps dotted keys to values."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"params file {path} not found; run from the repository root or pass --params")
+        raise ConfigError(
+            f"params file {path} not found; run from the repository root or pass --params"
+        )
     with path.open() as f:
         try:
-            data = yaml.safe_load(f)
+            data = yaml.load(f, Loader=ParamsLoader)
         except yaml.YAMLError as e:
             raise ConfigError(f"{path} is not valid YAML: {e}") from e
     if overrides:
@@ -443,11 +589,5 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str
 
 
 def _parse_scalar(text: str) -> Any:
-    """Parse an override string as YAML 1.2 would (PyYAML misses ``1e-4`` without a dot)."""
-    value = yaml.safe_load(text) if text.strip() else text
-    if isinstance(value, str):
-        try:
-            return float(value) if any(c in value.lower() for c in ".e") else int(value)
-        except ValueError:
-            return value
-    return value
+    """Parse an override string as ``dvc exp run -S`` does: as YAML (``1e-4`` is a float)."""
+    return yaml.load(text, Loader=ParamsLoader) if text.strip() else text

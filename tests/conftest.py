@@ -1,0 +1,149 @@
+"""Shared fixtures: the checkout's paths, real English text, and throwaway git + DVC repositories.
+
+``dvc_repo(overrides=...)`` builds a temporary git repository holding this checkout's pipeline
+(``dvc.yaml``, ``params.yaml`` with overrides applied, DVC's config, the ``infinito`` and
+``pipelines`` packages) in one commit, ready for ``dvc repro`` or ``dvc exp run``.
+``run_cmd(args, cwd)`` runs a command there with this interpreter's bin first on PATH and no
+Hugging Face Hub access.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from infinito.config import apply_overrides
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# Real English text kept beside the checkout (../shared), never copied into the repository.
+WIKITEXT_VALID = Path(__file__).resolve().parents[2] / "shared/data/wikitext-2/valid.txt"
+
+# What a temporary pipeline repository gets from this checkout.
+PIPELINE_FILES = ("dvc.yaml", ".dvc/config", ".dvc/.gitignore", ".dvcignore", ".gitignore")
+PIPELINE_PACKAGES = ("infinito", "pipelines")
+GIT_IDENTITY = {"user.name": "INFINITO tests", "user.email": "tests@infinito.invalid"}
+
+RunCmd = Callable[..., subprocess.CompletedProcess[str]]
+
+
+def command_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for subprocesses: this interpreter's bin first, the Hub off, no analytics."""
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env["HF_HUB_OFFLINE"] = "1"  # tests never touch the network
+    env["DVC_NO_ANALYTICS"] = "1"
+    env.update(extra or {})
+    return env
+
+
+def write_params(path: Path, overrides: dict[str, Any] | None = None) -> None:
+    """Write this checkout's params.yaml to ``path`` with dotted-key ``overrides`` applied."""
+    with (REPO_ROOT / "params.yaml").open() as f:
+        data = yaml.safe_load(f)
+    if overrides:
+        data = apply_overrides(data, overrides)
+    with path.open("w") as f:
+        yaml.safe_dump(data, f, sort_keys=False)
+
+
+def make_dvc_repo(
+    dest: Path,
+    overrides: dict[str, Any] | None = None,
+    extra: Iterable[str] = (),
+    git_identity: bool = True,
+) -> Path:
+    """Create a committed git + DVC repository at ``dest`` holding this checkout's pipeline.
+
+    ``extra`` names further files or directories (relative to the checkout) to copy. With
+    ``git_identity=False`` the repository has no user name or email of its own (the initial
+    commit gets one through the environment only), as on a fresh machine.
+    """
+    dest.mkdir(parents=True, exist_ok=True)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
+    for rel in (*PIPELINE_FILES, *PIPELINE_PACKAGES, *extra):
+        src, dst = REPO_ROOT / rel, dest / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dst, ignore=ignore)
+        else:
+            shutil.copy2(src, dst)
+    write_params(dest / "params.yaml", overrides)
+
+    def git(*args: str, env: dict[str, str] | None = None) -> None:
+        subprocess.run(["git", *args], cwd=dest, check=True, capture_output=True, env=env)
+
+    git("init", "-q", "-b", "main")
+    git("config", "commit.gpgsign", "false")
+    env = None
+    if git_identity:
+        for key, value in GIT_IDENTITY.items():
+            git("config", key, value)
+    else:
+        env = dict(os.environ)
+        for role in ("AUTHOR", "COMMITTER"):
+            env[f"GIT_{role}_NAME"] = GIT_IDENTITY["user.name"]
+            env[f"GIT_{role}_EMAIL"] = GIT_IDENTITY["user.email"]
+    git("add", "-A")
+    git("commit", "-q", "-m", "pipeline under test", env=env)
+    return dest
+
+
+@pytest.fixture
+def dvc_repo(tmp_path: Path) -> Callable[..., Path]:
+    """Factory: ``dvc_repo(overrides=None, extra=(), git_identity=True, name="repo") -> Path``."""
+
+    def build(
+        overrides: dict[str, Any] | None = None,
+        extra: Iterable[str] = (),
+        git_identity: bool = True,
+        name: str = "repo",
+    ) -> Path:
+        return make_dvc_repo(tmp_path / name, overrides, extra, git_identity)
+
+    return build
+
+
+def _run(
+    args: Sequence[str | Path],
+    cwd: Path,
+    env: dict[str, str] | None = None,
+    check: bool = True,
+    timeout: float = 600,
+) -> subprocess.CompletedProcess[str]:
+    """Run ``args`` in ``cwd`` (stdout and stderr together); on failure show the output."""
+    proc = subprocess.run(
+        [str(a) for a in args],
+        cwd=cwd,
+        env=command_env(env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        pytest.fail(f"{' '.join(map(str, args))} exited {proc.returncode}:\n{proc.stdout}")
+    return proc
+
+
+@pytest.fixture
+def run_cmd() -> RunCmd:
+    """``run_cmd(args, cwd, env=None, check=True, timeout=600) -> CompletedProcess``."""
+    return _run
+
+
+@pytest.fixture
+def wikitext_valid() -> Path:
+    """WikiText-2's validation text from ../shared; skipped, saying why, when it is absent."""
+    if not WIKITEXT_VALID.is_file():
+        pytest.skip(
+            f"real English text not found at {WIKITEXT_VALID} (../shared beside the checkout)"
+        )
+    return WIKITEXT_VALID
