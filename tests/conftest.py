@@ -9,6 +9,7 @@ Hugging Face Hub access.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -17,6 +18,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import yaml
 
@@ -147,3 +149,54 @@ def wikitext_valid() -> Path:
             f"real English text not found at {WIKITEXT_VALID} (../shared beside the checkout)"
         )
     return WIKITEXT_VALID
+
+
+def markov_tokens(n: int, vocab_size: int, seed: int) -> np.ndarray:
+    """A learnable token stream: every token is followed by one of three fixed successors."""
+    successors = np.random.default_rng(0).integers(0, vocab_size, size=(vocab_size, 3))
+    choices = np.random.default_rng(seed).integers(0, 3, size=n)
+    out = np.empty(n, dtype=np.int64)
+    out[0] = 0
+    for i in range(1, n):
+        out[i] = successors[out[i - 1], choices[i]]
+    return out
+
+
+def write_tokenized(path: Path, splits: dict[str, np.ndarray], vocab_size: int) -> Path:
+    """Write ``{split}.bin`` (uint16) + ``meta.json`` in the tokenize stage's format.
+
+    Byte and word counts are nominal (4 bytes and 0.75 words per token): synthetic tokens have
+    no text.
+    """
+    path.mkdir(parents=True, exist_ok=True)
+    meta: dict[str, Any] = {
+        "tokenizer": "synthetic",
+        "vocab_size": vocab_size,
+        "eos_token_id": vocab_size - 1,
+        "dtype": "uint16",
+        "splits": {},
+    }
+    for name, tokens in splits.items():
+        np.asarray(tokens, dtype=np.uint16).tofile(path / f"{name}.bin")
+        n = len(tokens)
+        meta["splits"][name] = {"tokens": n, "bytes": 4 * n, "words": (3 * n) // 4}
+    (path / "meta.json").write_text(json.dumps(meta, indent=2))
+    return path
+
+
+@pytest.fixture
+def tokenized_data(tmp_path: Path) -> Callable[..., Path]:
+    """Factory: ``tokenized_data(lengths=None, vocab_size=64, name="tokenized") -> Path``:
+    a data/tokenized-format directory of Markov tokens (fast, no tokenizer)."""
+
+    def build(
+        lengths: dict[str, int] | None = None, vocab_size: int = 64, name: str = "tokenized"
+    ) -> Path:
+        lengths = lengths or {"train": 3000, "validation": 600, "test": 400}
+        splits = {
+            s: markov_tokens(n, vocab_size, seed)
+            for seed, (s, n) in enumerate(lengths.items(), start=1)
+        }
+        return write_tokenized(tmp_path / name, splits, vocab_size)
+
+    return build
