@@ -1,1 +1,9 @@
 """The data stages: ``download`` (raw text splits) and ``tokenize`` (GPT-2 BPE memmaps)."""
+
+
+class DataError(RuntimeError):
+    """A data stage cannot proceed: missing or unreadable input, or an unreachable source.
+
+    The message says what is wrong and how to fix it; stage entry points print it without a
+    traceback.
+    """
