@@ -36,13 +36,20 @@ GIT_IDENTITY = {"user.name": "INFINITO tests", "user.email": "tests@infinito.inv
 RunCmd = Callable[..., subprocess.CompletedProcess[str]]
 
 
-def command_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment for subprocesses: this interpreter's bin first, the Hub off, no analytics."""
+def command_env(extra: dict[str, str | None] | None = None) -> dict[str, str]:
+    """The environment for subprocesses: this interpreter's bin first, the Hub off, no analytics.
+
+    ``extra`` adds variables; a value of None removes one.
+    """
     env = dict(os.environ)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env["HF_HUB_OFFLINE"] = "1"  # tests never touch the network
     env["DVC_NO_ANALYTICS"] = "1"
-    env.update(extra or {})
+    for key, value in (extra or {}).items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
     return env
 
 
@@ -116,7 +123,7 @@ def dvc_repo(tmp_path: Path) -> Callable[..., Path]:
 def _run(
     args: Sequence[str | Path],
     cwd: Path,
-    env: dict[str, str] | None = None,
+    env: dict[str, str | None] | None = None,
     check: bool = True,
     timeout: float = 600,
 ) -> subprocess.CompletedProcess[str]:
