@@ -9,14 +9,19 @@ decoding of ``new_tokens`` tokens (end-of-text disabled, so every run has the sa
   the weights);
 - each with and without the KV cache;
 - Hugging Face's ``GPT2LMHeadModel.generate`` at the same dimensions (random init, greedy, KV
-  cache) as an outside reference, when ``benchmark.hf_reference`` is true.
+  cache, no end-of-text token) as an outside reference, when ``benchmark.hf_reference`` is true.
 
 Per configuration the file holds time to first token (median over repeats), per-token latency
 p50/p95 over every later decode step of every repeat, and tokens/s (batch x new tokens over the
-median wall time of a run). ``warmup`` runs per configuration are discarded. Device work is
-synchronised before every timestamp. Keys are flat, ``{variant}_{kv|nokv}_b{B}_p{P}_{metric}``
-and ``hf_b{B}_p{P}_{metric}``, plus ratios ``speedup_vs_hf_b{B}_p{P}`` (IIT with cache over HF),
-``kv_speedup_{variant}_b{B}_p{P}`` and ``iit_over_ablation_b{B}_p{P}``.
+median wall time of a run). ``warmup`` runs per configuration are discarded; then the
+configurations of one batch size x prompt length take turns, one run each per round, so a busy
+machine slows them alike and the ratios stay fair. Device work is synchronised before every
+timestamp; inputs are seeded random token ids.
+
+Keys are flat: ``{variant}_{kv|nokv}_b{B}_p{P}_{metric}`` and ``hf_b{B}_p{P}_{metric}``, plus
+the ratios ``speedup_vs_hf_b{B}_p{P}`` (IIT with cache over HF, tokens/s),
+``kv_speedup_{variant}_b{B}_p{P}`` and ``iit_over_ablation_b{B}_p{P}``; ``peak_memory_mb`` is the
+process's peak RSS on CPU, the peak allocated tensor memory on CUDA (per configuration too).
 
 Step timing needs no instrumentation inside the model: ``Infinito.generate`` applies the output
 head once per new token, and a forward hook on it records when each step's forward pass ends, so
@@ -105,10 +110,30 @@ def read_model_config(model_dir: Path) -> ModelConfig:
         return ModelConfig.from_dict(json.load(f))
 
 
-def time_runs(run_once: Callable[[], RunTimes], warmup: int, repeats: int) -> list[RunTimes]:
-    for _ in range(warmup):
-        run_once()
-    return [run_once() for _ in range(repeats)]
+def interleaved(
+    contestants: dict[str, Callable[[], RunTimes]],
+    warmup: int,
+    repeats: int,
+    device: torch.device,
+) -> tuple[dict[str, list[RunTimes]], dict[str, float]]:
+    """Warm every contestant up, then time them in turns, one run each per round.
+
+    Taking turns spreads any slowdown of a shared machine over all contestants alike, so the
+    ratios between them stay fair. Returns the timed runs and, on CUDA, each one's peak memory.
+    """
+    for run in contestants.values():
+        for _ in range(warmup):
+            run()
+    runs: dict[str, list[RunTimes]] = {name: [] for name in contestants}
+    peaks = dict.fromkeys(contestants, 0.0)
+    for _ in range(repeats):
+        for name, run in contestants.items():
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            runs[name].append(run())
+            if device.type == "cuda":
+                peaks[name] = max(peaks[name], peak_memory_mb(device))
+    return runs, peaks
 
 
 def infinito_run(
@@ -181,7 +206,6 @@ def hf_run(
             idx,
             attention_mask=torch.ones_like(idx),
             max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
             do_sample=False,
             use_cache=True,
             pad_token_id=0,
@@ -205,6 +229,9 @@ def hf_reference_model(mcfg: ModelConfig, seed: int, device: torch.device) -> to
         n_embd=mcfg.d_model,
         n_layer=mcfg.n_layer,
         n_head=mcfg.n_head,
+        # No end-of-text token: every run decodes exactly new_tokens, like INFINITO's here.
+        bos_token_id=None,
+        eos_token_id=None,
     )
     return GPT2LMHeadModel(config).to(device).eval()
 
@@ -258,34 +285,24 @@ def run_benchmark(
         for p in cfg.prompt_lengths
     }
 
-    def record(prefix: str, runs: list[RunTimes], batch: int) -> None:
-        for key, value in summarise(runs, batch, cfg.new_tokens).items():
-            metrics[f"{prefix}_{key}"] = value
-        if dev.type == "cuda":
-            metrics[f"{prefix}_peak_memory_mb"] = peak_memory_mb(dev)
-            torch.cuda.reset_peak_memory_stats(dev)
-
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-    for name, model in models.items():
-        for use_cache in (True, False):
-            for (b, p), idx in prompts.items():
-                runs = time_runs(
+    hf = hf_reference_model(mcfg, seed, dev) if cfg.hf_reference else None
+    for (b, p), idx in prompts.items():
+        contestants: dict[str, Callable[[], RunTimes]] = {}
+        for name, model in models.items():
+            for use_cache in (True, False):
+                contestants[f"{name}_{'kv' if use_cache else 'nokv'}_b{b}_p{p}"] = (
                     lambda m=model, x=idx, c=use_cache: infinito_run(
                         m, x, cfg.new_tokens, c, dev, dtype
-                    ),
-                    cfg.warmup,
-                    cfg.repeats,
+                    )
                 )
-                record(f"{name}_{'kv' if use_cache else 'nokv'}_b{b}_p{p}", runs, b)
-
-    if cfg.hf_reference:
-        hf = hf_reference_model(mcfg, seed, dev)
-        for (b, p), idx in prompts.items():
-            runs = time_runs(
-                lambda x=idx: hf_run(hf, x, cfg.new_tokens, dev, dtype), cfg.warmup, cfg.repeats
-            )
-            record(f"hf_b{b}_p{p}", runs, b)
+        if hf is not None:
+            contestants[f"hf_b{b}_p{p}"] = lambda x=idx: hf_run(hf, x, cfg.new_tokens, dev, dtype)
+        runs, peaks = interleaved(contestants, cfg.warmup, cfg.repeats, dev)
+        for prefix, timings in runs.items():
+            for key, value in summarise(timings, b, cfg.new_tokens).items():
+                metrics[f"{prefix}_{key}"] = value
+            if dev.type == "cuda":
+                metrics[f"{prefix}_peak_memory_mb"] = peaks[prefix]
 
     for b, p in prompts:
         grid = f"b{b}_p{p}"

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from infinito.benchmark import (
     METRICS,
@@ -13,9 +14,11 @@ from infinito.benchmark import (
     check_grid,
     main,
     read_model_config,
+    run_benchmark,
     summarise,
 )
-from infinito.config import BenchmarkConfig, ConfigError
+from infinito.config import BenchmarkConfig, ConfigError, ModelConfig
+from infinito.model import Infinito
 
 
 def test_grid_must_fit_block_size_and_error_names_the_keys() -> None:
@@ -63,3 +66,73 @@ def test_main_rejects_a_grid_that_overflows_the_context(
     assert main(["--params", str(params), "--model", str(ckpt)]) == 2
     err = capsys.readouterr().err
     assert "benchmark.new_tokens" in err and "model.block_size=32" in err
+
+
+# ---------------------------------------------------------------- the stage on a tiny model
+
+TINY = dict(vocab_size=128, d_model=32, n_layer=1, n_head=2, block_size=32, dropout=0.0,
+            memory_slots=8, phi_chunk=8)  # fmt: skip
+GRID = BenchmarkConfig(
+    batch_sizes=(1, 2), prompt_lengths=(4, 8), new_tokens=3, repeats=2, warmup=1, hf_reference=True
+)
+
+
+def documented_keys(cfg: BenchmarkConfig) -> set[str]:
+    keys = {"device", "dtype", "threads", "torch_version", "checkpoint_variant", "new_tokens",
+            "repeats", "warmup", "peak_memory_mb", "peak_memory_kind"}  # fmt: skip
+    for b in cfg.batch_sizes:
+        for p in cfg.prompt_lengths:
+            grid = f"b{b}_p{p}"
+            prefixes = [f"{v}_{c}_{grid}" for v in ("iit", "ablation") for c in ("kv", "nokv")]
+            if cfg.hf_reference:
+                prefixes.append(f"hf_{grid}")
+                keys.add(f"speedup_vs_hf_{grid}")
+            keys |= {f"{pre}_{m}" for pre in prefixes for m in METRICS}
+            keys |= {f"kv_speedup_iit_{grid}", f"kv_speedup_ablation_{grid}"}
+            keys.add(f"iit_over_ablation_{grid}")
+    return keys
+
+
+def _save(path: Path, iit: bool = True) -> None:
+    torch.manual_seed(0)
+    Infinito(ModelConfig(**{**TINY, "iit": iit})).save(path)
+
+
+def test_stage_writes_the_documented_keys(tmp_path: Path) -> None:
+    _save(tmp_path / "best")
+    out = tmp_path / "metrics/benchmark.json"
+    returned = run_benchmark(GRID, 0, tmp_path / "best", out, device="cpu")
+    written = json.loads(out.read_text())
+    assert written == returned
+    assert set(written) == documented_keys(GRID)
+    assert written["device"] == "cpu" and written["dtype"] == "float32"
+    assert written["checkpoint_variant"] == "iit" and written["peak_memory_kind"] == "rss"
+    strings = {"device", "dtype", "torch_version", "checkpoint_variant", "peak_memory_kind"}
+    for key, value in written.items():
+        if key not in strings:  # every measurement is a positive number DVC can diff
+            assert isinstance(value, int | float) and value > 0, key
+    for key in (k for k in written if k.endswith("_ms")):
+        assert written[key] < 60_000, key
+    # tokens/s is batch x new tokens over the run time, so it cannot exceed that over TTFT
+    assert written["iit_kv_b2_p8_tokens_per_sec"] <= 2 * 3 / (written["iit_kv_b2_p8_ttft_ms"] / 1e3)
+
+
+def test_ablation_checkpoint_is_compared_with_an_iit_model(tmp_path: Path) -> None:
+    _save(tmp_path / "abl", iit=False)
+    cfg = BenchmarkConfig(batch_sizes=(1,), prompt_lengths=(4,), new_tokens=2, repeats=1,
+                          warmup=0, hf_reference=False)  # fmt: skip
+    m = run_benchmark(cfg, 0, tmp_path / "abl", None, device="cpu")
+    assert m["checkpoint_variant"] == "ablation"
+    assert set(m) == documented_keys(cfg)
+
+
+def test_cli_quick_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _save(tmp_path / "best")
+    params = tmp_path / "params.yaml"
+    params.write_text("benchmark:\n  hf_reference: false\n")
+    out = tmp_path / "b.json"
+    argv = ["--params", str(params), "--model", str(tmp_path / "best"), "--metrics", str(out),
+            "--quick"]  # fmt: skip
+    assert main(argv) == 0
+    assert "iit_kv_b1_p8_tokens_per_sec" in json.loads(out.read_text())
+    assert "iit_kv_b1_p8_tokens_per_sec" in capsys.readouterr().out

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
+import torch
 
-from infinito.config import ConfigError, GenerateConfig
+from infinito.config import ConfigError, GenerateConfig, ModelConfig
 from infinito.generate import (
     GenerationResult,
     Sample,
@@ -19,6 +21,7 @@ from infinito.generate import (
     sample_metrics,
     sampling_kwargs,
 )
+from infinito.model import Infinito
 
 METRIC_KEYS = {
     "distinct_1",
@@ -143,3 +146,93 @@ def test_main_reports_bad_input_without_traceback(
     rc = main(["--params", str(params), "--model", str(tmp_path / "nope"), "--top-k", "-2"])
     assert rc == 2
     assert "generate.top_k" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the stage on a tiny checkpoint
+
+TINY = dict(vocab_size=50257, d_model=32, n_layer=1, n_head=2, block_size=64, dropout=0.0,
+            memory_slots=8, phi_chunk=8)  # fmt: skip
+EOS = 50256
+
+
+def _save_tiny(path: Path, fill_memory: bool = False) -> Infinito:
+    torch.manual_seed(0)
+    model = Infinito(ModelConfig(**TINY)).eval()
+    if fill_memory:
+        with torch.no_grad():
+            out = model(torch.randint(0, 1000, (2, 32)))
+            model.write_memory(out.candidates)
+        assert model.memory_stats()["utilisation"] > 0
+    model.save(path)
+    return model
+
+
+STAGE_CFG = GenerateConfig(
+    prompts=("Artificial intelligence is", "The history of"),
+    max_new_tokens=12,
+    samples_per_prompt=2,
+    temperature=0.8,
+    top_k=20,
+    top_p=0.95,
+    repetition_penalty=1.1,
+)
+
+
+def test_stage_writes_samples_and_flat_metrics_reproducibly(tmp_path: Path) -> None:
+    _save_tiny(tmp_path / "best")
+    samples, metrics = tmp_path / "out/samples.md", tmp_path / "out/generate.json"
+    out = generate_samples(STAGE_CFG, 3, tmp_path / "best", samples, metrics, device="cpu")
+    written = json.loads(metrics.read_text())
+    assert set(written) == METRIC_KEYS
+    assert all(isinstance(v, int | float) for v in written.values())
+    assert written["n_samples"] == 4 and written["generation_tokens_per_sec"] > 0
+    assert 0 < written["mean_length_tokens"] <= 12
+    assert [s.prompt for s in out["samples"]] == ["Artificial intelligence is"] * 2 + [
+        "The history of"
+    ] * 2
+    text = samples.read_text()
+    assert text.count("## Sample") == 4 and "The history of" in text
+    for s in out["samples"]:
+        assert s.text in text
+    # Same checkpoint, settings and seed: the same file; another seed: other samples.
+    first = text
+    generate_samples(STAGE_CFG, 3, tmp_path / "best", samples, None, device="cpu")
+    assert samples.read_text() == first
+    generate_samples(STAGE_CFG, 4, tmp_path / "best", samples, None, device="cpu")
+    assert samples.read_text() != first
+
+
+def test_stage_output_does_not_depend_on_the_saved_memory(tmp_path: Path) -> None:
+    """Memory is reset before generating, so what training left in it cannot change samples."""
+    _save_tiny(tmp_path / "empty")
+    _save_tiny(tmp_path / "full", fill_memory=True)
+    a = generate_samples(STAGE_CFG, 0, tmp_path / "empty", None, None, device="cpu")
+    b = generate_samples(STAGE_CFG, 0, tmp_path / "full", None, None, device="cpu")
+    assert [s.text for s in a["samples"]] == [s.text for s in b["samples"]]
+
+
+def test_stage_counts_end_of_text(tmp_path: Path) -> None:
+    """A model whose most likely token is end-of-text: every sample is empty and ends at EOS."""
+    model = _save_tiny(tmp_path / "x")
+    with torch.no_grad():  # fixed logits: ln_f outputs e_0, so the logits are lm_head column 0
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.zero_()
+        model.transformer.ln_f.bias[0] = 1.0
+        model.lm_head.weight[:, 0] = 0.0
+        model.lm_head.weight[EOS, 0] = 50.0
+    model.save(tmp_path / "eos")
+    out = generate_samples(STAGE_CFG, 0, tmp_path / "eos", None, None, device="cpu")
+    assert out["eos_rate"] == 1.0 and out["mean_length_tokens"] == 0.0
+    assert all(s.hit_eos and s.text == "" for s in out["samples"])
+
+
+def test_cli_prints_to_the_terminal(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _save_tiny(tmp_path / "best")
+    params = tmp_path / "params.yaml"
+    params.write_text("seed: 1\n")
+    argv = ["--params", str(params), "--checkpoint", str(tmp_path / "best"), "--prompt",
+            "Artificial intelligence is", "--length", "5", "--greedy"]  # fmt: skip
+    assert main(argv) == 0
+    shown = capsys.readouterr().out
+    assert "Artificial intelligence is" in shown and "sample 1" in shown
+    assert not list(tmp_path.glob("*.md"))  # no file without --samples
