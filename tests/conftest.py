@@ -148,7 +148,7 @@ def run_cmd() -> RunCmd:
     return _run
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def wikitext_valid() -> Path:
     """WikiText-2's validation text from ../shared; skipped, saying why, when it is absent."""
     if not WIKITEXT_VALID.is_file():
