@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -212,3 +213,25 @@ def test_missing_or_broken_file(tmp_path: Path) -> None:
     bad.write_text("model: [unclosed\n")
     with pytest.raises(ConfigError, match=r"is not valid YAML"):
         load_params(bad)
+
+
+def test_readme_params_reference_is_complete_and_true() -> None:
+    """README's params table: every key once, its default, and the stages dvc.yaml gives it to."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    table = readme[readme.index("## Params reference") :]
+    rows = re.findall(r"^\| `([^`]+)` \| ([^|]+) \| [^|]+ \| ([^|]+) \|$", table, re.M)
+    documented = {key: (default.strip(), stages.strip()) for key, default, stages in rows}
+    assert len(rows) == len(documented), "a key is listed twice"
+    leaves = _leaves(_raw())
+    assert set(documented) == set(leaves), "README params table and params.yaml differ"
+    with (REPO_ROOT / "dvc.yaml").open() as f:
+        stages = yaml.safe_load(f)["stages"]
+    for key, (default, readers) in documented.items():
+        if default.startswith("`"):
+            assert yaml.safe_load(default.strip("`")) == leaves[key], key
+        expected = [
+            name
+            for name, stage in stages.items()
+            if any(key == p or key.startswith(f"{p}.") for p in stage.get("params", []))
+        ]
+        assert readers.split(", ") == expected, f"{key}: README says {readers}, dvc.yaml {expected}"
