@@ -254,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-new-tokens",
         dest="max_new_tokens",
         type=int,
+        metavar="N",
         help="new tokens per sample (generate.max_new_tokens)",
     )
     mode = p.add_mutually_exclusive_group()
@@ -262,7 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, help="keep the k most likely tokens; 0 disables")
     p.add_argument("--top-p", type=float, help="nucleus sampling mass; 1.0 disables")
     p.add_argument("--repetition-penalty", type=float, help="1.0 disables")
-    p.add_argument("--samples-per-prompt", type=int, help="generate.samples_per_prompt")
+    p.add_argument(
+        "--samples-per-prompt", type=int, metavar="N", help="generate.samples_per_prompt"
+    )
     p.add_argument("--seed", type=int, help="sampling seed (default: params seed)")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: train.device)")
     return p
@@ -295,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
         params = load_params(args.params)
         cfg = config_from_args(params.generate, args)
         seed = params.seed if args.seed is None else args.seed
+        if seed < 0:
+            raise ConfigError(f"--seed={seed} must be a non-negative integer")
         out = generate_samples(
             cfg,
             seed,
