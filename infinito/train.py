@@ -882,7 +882,8 @@ def _final_metrics(
     return m
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The stage's command line; path defaults are dvc.yaml's (a test keeps them equal)."""
     parser = argparse.ArgumentParser(prog="infinito train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument(
@@ -928,7 +929,11 @@ def main(argv: list[str] | None = None) -> int:
     over.add_argument("--seed", type=int)
     over.add_argument("--max-steps", type=int, help="train.max_steps")
     over.add_argument("--device", help="train.device: auto, cpu, cuda or cuda:N")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     overrides = {
         key: value
