@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -207,3 +208,81 @@ def tokenized_data(tmp_path: Path) -> Callable[..., Path]:
         return write_tokenized(tmp_path / name, splits, vocab_size)
 
     return build
+
+
+# ---------------------------------------------------------------- a reproduced tiny pipeline
+
+# The whole pipeline at toy size on the builtin corpus (about half a minute on 2 cores). The
+# vocabulary stays GPT-2's: the tokenize stage decides it.
+TINY_PIPELINE: dict[str, Any] = {
+    "data.source": "builtin",
+    "data.seq_len": 32,
+    "data.split_fractions": [0.94, 0.03, 0.03],  # few topics in validation/test: quick scoring
+    "epochs": 1,
+    "batch_size": 4,
+    "model.d_model": 32,
+    "model.n_layer": 1,
+    "model.n_head": 2,
+    "model.block_size": 32,
+    "model.memory_slots": 16,
+    "model.phi_chunk": 8,
+    "train.max_steps": 4,
+    "train.warmup_steps": 1,
+    "train.device": "cpu",
+    "train.compile": False,
+    "evaluate.splits": ["validation"],
+    "evaluate.batch_size": 8,
+    "generate.prompts": ["The history of"],
+    "generate.max_new_tokens": 8,
+    "generate.samples_per_prompt": 1,
+    "benchmark.batch_sizes": [1],
+    "benchmark.prompt_lengths": [8],
+    "benchmark.new_tokens": 4,
+    "benchmark.repeats": 1,
+    "benchmark.warmup": 0,
+    "benchmark.hf_reference": False,
+}
+
+
+def copy_repo(src: Path, dest: Path) -> Path:
+    """Copy a repository with its git history, DVC cache and workspace outputs."""
+    shutil.copytree(src, dest, symlinks=True)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def reproduced_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A TINY_PIPELINE repository after ``dvc repro``, its results committed as the baseline.
+
+    Shared by the whole session: never change it, copy it (``pipeline_repo``, ``copy_repo``).
+    """
+    repo = make_dvc_repo(tmp_path_factory.mktemp("reproduced") / "repo", TINY_PIPELINE)
+    _run(["dvc", "repro"], repo, timeout=900)
+    _run(["git", "add", "-A"], repo)
+    _run(["git", "commit", "-q", "-m", "baseline results"], repo)
+    return repo
+
+
+@pytest.fixture
+def pipeline_repo(reproduced_repo: Path, tmp_path: Path) -> Path:
+    """A private copy of ``reproduced_repo``: every stage up to date, results committed."""
+    return copy_repo(reproduced_repo, tmp_path / "pipeline")
+
+
+_PREFECT_HOME = pytest.StashKey[Path]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Prefect, before anything imports it: a throwaway home, no analytics, a patient startup."""
+    home = Path(tempfile.mkdtemp(prefix="infinito-tests-prefect-"))
+    config.stash[_PREFECT_HOME] = home
+    os.environ["PREFECT_HOME"] = str(home)
+    os.environ.pop("PREFECT_API_URL", None)  # never a user's real server
+    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    home = config.stash.get(_PREFECT_HOME, None)
+    if home is not None:
+        shutil.rmtree(home, ignore_errors=True)
