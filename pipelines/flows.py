@@ -191,7 +191,9 @@ def check_experiment_name(repo: Path, name: str) -> None:
         )
 
 
-@task(name="prepare-params", cache_policy=NONE, persist_result=False)
+@task(
+    name="prepare-params", task_run_name="prepare-params", cache_policy=NONE, persist_result=False
+)
 def prepare_params(repo: Path, overrides: dict[str, Any]) -> list[str]:
     """Write the committed params.yaml plus ``overrides`` to the workspace; return the -S args."""
     log = get_run_logger()
@@ -256,7 +258,12 @@ def _stage_task(stage: str) -> Any:
 STAGE_TASKS: dict[str, Any] = {stage: _stage_task(stage) for stage in STAGES}
 
 
-@task(name="record-experiment", cache_policy=NONE, persist_result=False)
+@task(
+    name="record-experiment",
+    task_run_name="record-experiment",
+    cache_policy=NONE,
+    persist_result=False,
+)
 def record_experiment(repo: Path, name: str | None, set_args: list[str]) -> str:
     """Commit the finished workspace as a DVC experiment with ``dvc exp run -n NAME -S ...``.
 
@@ -373,7 +380,9 @@ def stage_metric_files(repo: Path, stages: Sequence[str]) -> list[str]:
     return files
 
 
-@task(name="publish-metrics", cache_policy=NONE, persist_result=False)
+@task(
+    name="publish-metrics", task_run_name="publish-metrics", cache_policy=NONE, persist_result=False
+)
 def publish_metrics(repo: Path, title: str, set_args: list[str], baseline: str) -> dict[str, Any]:
     """Publish the metrics of the stages run so far and their diff against ``baseline``.
 

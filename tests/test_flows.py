@@ -1,0 +1,279 @@
+"""The Prefect pipeline flow: task settings, parameter handling, and runs under a test harness."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from prefect.cache_policies import NONE
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    FlowRunFilter,
+    FlowRunFilterId,
+)
+from prefect.client.schemas.sorting import TaskRunSort
+from prefect.states import State
+from prefect.testing.utilities import prefect_test_harness
+
+from infinito.config import ConfigError, load_params
+from pipelines import flows
+from pipelines.flows import (
+    ARTIFACT_DIFF,
+    ARTIFACT_METRICS,
+    ARTIFACT_SUMMARY,
+    STAGE_TASKS,
+    STAGES,
+    PipelineError,
+    infinito_pipeline,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------- settings, without running
+
+
+def test_one_task_per_dvc_stage_in_dvc_yaml_order() -> None:
+    spec = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())
+    assert list(STAGES) == list(spec["stages"])
+    assert {name: t.name for name, t in STAGE_TASKS.items()} == {s: s for s in STAGES}
+
+
+def test_only_download_retries_and_nothing_is_cached_by_prefect() -> None:
+    tasks = [*STAGE_TASKS.values(), flows.prepare_params, flows.publish_metrics]
+    tasks.append(flows.record_experiment)
+    for t in tasks:
+        assert t.cache_policy == NONE, t.name
+        assert t.persist_result is False, t.name
+        assert t.retries == (flows.DOWNLOAD_RETRIES if t.name == "download" else 0), t.name
+    assert flows.DOWNLOAD_RETRIES >= 1
+    assert infinito_pipeline.persist_result is False
+
+
+def test_override_args_round_trip_through_dvc_set_param(tmp_path: Path) -> None:
+    """The -S strings the flow writes give exactly the params infinito.config validated."""
+    from dvc.utils.hydra import apply_overrides as dvc_apply_overrides
+
+    overrides: dict[str, Any] = {
+        "lr": "1e-4",  # a string, as typed into a form: parsed like `-S lr=1e-4`
+        "batch_size": 32,
+        "model.iit": False,
+        "data.source": "data/my corpus.txt",
+        "train.max_steps": None,
+        "benchmark.batch_sizes": [1, 2],
+        "generate.prompts": ['He said "hi"', "x: y"],
+    }
+    base = (REPO_ROOT / "params.yaml").read_text()
+    data = flows.resolve_overrides(base, overrides)
+    args = flows.override_args(overrides, data)
+    assert args[:3] == ["lr=0.0001", "batch_size=32", "model.iit=false"]
+    path = tmp_path / "params.yaml"
+    path.write_text(base)
+    dvc_apply_overrides(str(path), args)
+    assert load_params(path) == load_params(REPO_ROOT / "params.yaml", overrides)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ({"model.bogus": 1}, "unknown key model.bogus"),
+        ({"lr": -1}, "lr=-1"),
+        ({"model.n_head": 7}, "model.n_head=7"),
+        ({"model": {"iit": False}}, "give its leaf keys"),
+        ({"lr.": 1}, "dotted name"),
+    ],
+)
+def test_bad_overrides_name_the_key(overrides: dict[str, Any], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        flows.resolve_overrides((REPO_ROOT / "params.yaml").read_text(), overrides)
+
+
+def test_metrics_and_diff_rows_flatten_dvc_json() -> None:
+    show = {
+        "": {
+            "data": {
+                "metrics/eval.json": {"data": {"validation_ppl": 12.5, "n": {"a": 1}}},
+                "metrics/bad.json": {"error": {"type": "X"}},
+            }
+        }
+    }
+    assert flows.metrics_rows(show) == [
+        {"file": "metrics/eval.json", "metric": "validation_ppl", "value": 12.5},
+        {"file": "metrics/eval.json", "metric": "n.a", "value": 1},
+    ]
+    diff = {"metrics/eval.json": {"validation_ppl": {"old": 13.0, "new": 12.5, "diff": -0.5}}}
+    rows = flows.diff_rows(diff)
+    assert rows == [
+        {
+            "file": "metrics/eval.json",
+            "metric": "validation_ppl",
+            "baseline": 13.0,
+            "run": 12.5,
+            "change": -0.5,
+        }
+    ]
+    md = flows.summary_markdown("experiment x", ["lr=0.0001"], "HEAD", rows)
+    assert "`-S lr=0.0001`" in md
+    assert "| metrics/eval.json | validation_ppl | 13 | 12.5 | -0.5 |" in md
+
+
+def test_stage_metric_files_come_from_dvc_yaml() -> None:
+    assert flows.stage_metric_files(REPO_ROOT, ["train", "evaluate"]) == [
+        "metrics/train.json",
+        "metrics/eval.json",
+    ]
+
+
+def test_experiment_names_are_checked_before_any_stage(
+    dvc_repo: Callable[..., Path],
+) -> None:
+    repo = dvc_repo()
+    for bad in ("", "a/b", "-x", "bad name", "a..b"):
+        with pytest.raises(PipelineError, match="experiment name"):
+            flows.check_experiment_name(repo, bad)
+    flows.check_experiment_name(repo, "lr-1e-4_b32")
+
+
+def test_flow_refuses_a_repository_without_dvc_yaml(tmp_path: Path) -> None:
+    with pytest.raises(PipelineError, match="has no dvc.yaml"):
+        infinito_pipeline.fn(repo=str(tmp_path))
+
+
+# ---------------------------------------------------------------- runs under the test harness
+
+
+@pytest.fixture(scope="module")
+def harness() -> Iterator[None]:
+    # None: use PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS (2-core machines are slow).
+    with prefect_test_harness(server_startup_timeout=None):
+        yield
+
+
+def _task_runs(state: State) -> list[tuple[str, str]]:
+    """(task name, state name) of the flow run's task runs, in start order."""
+    flow_run_id = state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+            sort=TaskRunSort.EXPECTED_START_TIME_ASC,
+        )
+    return [(r.name, r.state_name) for r in runs]
+
+
+def _artifacts(state: State) -> dict[str, Any]:
+    flow_run_id = state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
+    return {a.key: a for a in arts}
+
+
+def _git(repo: Path, *args: str) -> str:
+    return subprocess.run(
+        ["git", *args], cwd=repo, capture_output=True, text=True, check=True
+    ).stdout
+
+
+@pytest.mark.slow
+def test_flow_runs_an_experiment_and_publishes_metrics(
+    harness: None, pipeline_repo: Path, run_cmd: Callable
+) -> None:
+    repo = pipeline_repo
+    committed = _git(repo, "show", "HEAD:params.yaml")
+    # evaluate.sliding_stride changes the evaluate stage only: the diff is real and cheap.
+    state = infinito_pipeline(
+        overrides={"evaluate.sliding_stride": 8},
+        experiment="stride-8",
+        repo=str(repo),
+        return_state=True,
+    )
+    assert state.is_completed(), state
+    result = state.result()
+    assert result["experiment"] == "stride-8"
+    assert result["overrides"] == ["evaluate.sliding_stride=8"]
+
+    names = [n for n, _ in _task_runs(state)]
+    stage_runs = [n for n in names if n in STAGES]
+    assert stage_runs == list(STAGES)  # one task per stage, in order
+    assert names.index("publish-metrics") == names.index("evaluate") + 1
+    assert names[-1] == "record-experiment"
+
+    # DVC is the record: the named experiment, the committed seed params untouched.
+    exps = run_cmd(["dvc", "exp", "list", "--name-only"], repo).stdout.split()
+    assert exps == ["stride-8"]
+    assert _git(repo, "show", "HEAD:params.yaml") == committed
+    assert load_params(repo / "params.yaml").evaluate.sliding_stride == 8
+    shown = json.loads(run_cmd(["dvc", "exp", "show", "--json"], repo).stdout)
+    exp = shown[1]["experiments"][0]["revs"][0]
+    assert exp["name"] == "stride-8"
+    assert exp["data"]["params"]["params.yaml"]["data"]["evaluate"]["sliding_stride"] == 8
+
+    diff = {r["metric"]: r for r in result["diff"]}
+    assert diff["validation_sliding_ppl"]["baseline"] != diff["validation_sliding_ppl"]["run"]
+    assert "validation_ppl" not in diff  # the non-overlapping protocol did not change
+    assert {r["file"] for r in result["metrics"]} == {"metrics/train.json", "metrics/eval.json"}
+
+    arts = _artifacts(state)
+    assert {ARTIFACT_METRICS, ARTIFACT_DIFF, ARTIFACT_SUMMARY} <= set(arts)
+    assert arts[ARTIFACT_METRICS].type == "table"
+    table = json.loads(arts[ARTIFACT_DIFF].data)
+    assert any(row["metric"] == "validation_sliding_ppl" for row in table)
+    summary = arts[ARTIFACT_SUMMARY].data
+    assert arts[ARTIFACT_SUMMARY].type == "markdown"
+    assert "experiment stride-8" in summary and "validation_sliding_ppl" in summary
+
+    # The same name again is refused before any stage runs.
+    again = infinito_pipeline(
+        overrides={"evaluate.sliding_stride": 4},
+        experiment="stride-8",
+        repo=str(repo),
+        return_state=True,
+    )
+    assert again.is_failed()
+    with pytest.raises(PipelineError, match="already exists"):
+        again.result()
+    assert _task_runs(again) == []
+
+
+@pytest.mark.slow
+def test_flow_without_overrides_reruns_the_committed_configuration(
+    harness: None, pipeline_repo: Path, run_cmd: Callable
+) -> None:
+    repo = pipeline_repo
+    lock = (repo / "dvc.lock").read_text()
+    params = repo / "params.yaml"
+    committed = params.read_text()
+    edited = yaml.safe_load(committed)
+    edited["lr"] = 0.5  # an earlier experiment's params left in the workspace
+    params.write_text(yaml.safe_dump(edited))
+
+    state = infinito_pipeline(repo=str(repo), return_state=True)
+    assert state.is_completed(), state
+    assert state.result()["experiment"] is None
+    assert params.read_text() == committed  # started from the committed file
+    assert (repo / "dvc.lock").read_text() == lock  # every stage was up to date
+    assert run_cmd(["dvc", "exp", "list", "--name-only"], repo).stdout.split() == []
+    assert [n for n, s in _task_runs(state) if n in STAGES] == list(STAGES)
+
+
+@pytest.mark.slow
+def test_flow_with_a_bad_override_fails_before_any_stage(
+    harness: None, pipeline_repo: Path
+) -> None:
+    lock = (pipeline_repo / "dvc.lock").read_text()
+    state = infinito_pipeline(
+        overrides={"model.n_head": 7}, repo=str(pipeline_repo), return_state=True
+    )
+    assert state.is_failed()
+    with pytest.raises(ConfigError, match="model.n_head=7"):
+        state.result()
+    assert _task_runs(state) == [("prepare-params", "Failed")]
+    assert (pipeline_repo / "dvc.lock").read_text() == lock
