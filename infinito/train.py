@@ -826,7 +826,7 @@ def train(
         loop.eval_seconds += time.perf_counter() - t0
         loop.wall_seconds = wall_before + time.perf_counter() - t_session
         loop.final_metrics = _final_metrics(
-            params, model, loop, train_sub, device, dtype, steps_per_epoch
+            params, model, loop, train_sub, device, dtype, steps_per_epoch, compiled
         )
         loop.complete = True
         saver.save(snapshot(), state_path)
@@ -846,6 +846,7 @@ def _final_metrics(
     device: torch.device,
     dtype: torch.dtype,
     steps_per_epoch: int,
+    compiled: bool,
 ) -> dict[str, Any]:
     last = loop.history[-1]
     tok_s = loop.timed_tokens / loop.timed_seconds if loop.timed_seconds > 0 else 0.0
@@ -867,6 +868,7 @@ def _final_metrics(
         "epochs_completed": round(loop.step / steps_per_epoch, 4),
         "tokens_trained": loop.tokens_trained,
         "early_stopped": int(loop.early_stopped),
+        "compiled": int(compiled),  # torch.compile in the last session (0 on CPU)
     }
     peak = peak_flops(device, dtype)
     if peak is not None:

@@ -61,23 +61,60 @@ TINY: dict[str, Any] = {
 # the default tokenized_data: 3000 train tokens -> 93 windows of 33 -> 23 steps of 4 per epoch
 STEPS_PER_EPOCH = 23
 TRAIN_KEYS = {
-    "best_epoch", "best_step", "best_val_loss", "best_val_ppl", "final_val_loss",
-    "final_val_ppl", "final_train_loss", "final_train_ppl", "tokens_per_sec", "wall_time_sec",
-    "eval_time_sec", "first_step_sec", "n_params", "steps", "epochs_completed",
-    "tokens_trained", "early_stopped",
-}  # fmt: skip
+    "best_epoch",
+    "best_step",
+    "best_val_loss",
+    "best_val_ppl",
+    "final_val_loss",
+    "final_val_ppl",
+    "final_train_loss",
+    "final_train_ppl",
+    "tokens_per_sec",
+    "wall_time_sec",
+    "eval_time_sec",
+    "first_step_sec",
+    "n_params",
+    "steps",
+    "epochs_completed",
+    "tokens_trained",
+    "early_stopped",
+    "compiled",
+}
 IIT_KEYS = {
-    "iit_phi_mean", "iit_phi_temporal_coherence", "iit_phi_integration", "iit_phi_complexity",
-    "iit_phi_attention_diversity", "iit_threshold", "iit_delta_phi", "iit_aux_loss",
-    "iit_memory_utilisation", "iit_stored_phi_mean", "iit_phi_weight_temporal_coherence",
-    "iit_phi_weight_integration", "iit_phi_weight_complexity",
+    "iit_phi_mean",
+    "iit_phi_temporal_coherence",
+    "iit_phi_integration",
+    "iit_phi_complexity",
+    "iit_phi_attention_diversity",
+    "iit_threshold",
+    "iit_delta_phi",
+    "iit_aux_loss",
+    "iit_memory_utilisation",
+    "iit_stored_phi_mean",
+    "iit_phi_weight_temporal_coherence",
+    "iit_phi_weight_integration",
+    "iit_phi_weight_complexity",
     "iit_phi_weight_attention_diversity",
-}  # fmt: skip
+}
 HISTORY_COLUMNS = [
-    "epoch", "step", "lr", "train_loss", "train_ppl", "val_loss", "val_ppl", "phi_mean",
-    "phi_temporal_coherence", "phi_integration", "phi_complexity", "phi_attention_diversity",
-    "threshold", "delta_phi", "aux_loss", "memory_utilisation", "tokens_per_sec",
-]  # fmt: skip
+    "epoch",
+    "step",
+    "lr",
+    "train_loss",
+    "train_ppl",
+    "val_loss",
+    "val_ppl",
+    "phi_mean",
+    "phi_temporal_coherence",
+    "phi_integration",
+    "phi_complexity",
+    "phi_attention_diversity",
+    "threshold",
+    "delta_phi",
+    "aux_loss",
+    "memory_utilisation",
+    "tokens_per_sec",
+]
 TIMING_KEYS = {"tokens_per_sec", "wall_time_sec", "eval_time_sec", "first_step_sec"}
 
 
@@ -114,10 +151,21 @@ def run(params: Params, data: Path, root: Path, **kwargs: Any) -> dict[str, Any]
 def cli_args(params: Path, data: Path, root: Path) -> list[str]:
     o = outputs(root)
     return [
-        "--params", str(params), "--data", str(data), "--out", str(o["out_dir"]),
-        "--state", str(o["state_dir"]), "--metrics", str(o["metrics_path"]),
-        "--history", str(o["history_path"]), "--curves", str(o["curves_path"]),
-    ]  # fmt: skip
+        "--params",
+        str(params),
+        "--data",
+        str(data),
+        "--out",
+        str(o["out_dir"]),
+        "--state",
+        str(o["state_dir"]),
+        "--metrics",
+        str(o["metrics_path"]),
+        "--history",
+        str(o["history_path"]),
+        "--curves",
+        str(o["curves_path"]),
+    ]
 
 
 def history(root: Path) -> list[dict[str, str]]:
@@ -171,8 +219,14 @@ def test_lr_warms_up_linearly_then_follows_cosine_to_the_floor() -> None:
 
 
 def test_plateau_schedule_lowers_lr_when_validation_stalls() -> None:
-    params = tiny({"train.schedule": "plateau", "train.plateau_patience": 1,
-                   "train.plateau_factor": 0.5, "train.min_lr_ratio": 0.2})  # fmt: skip
+    params = tiny(
+        {
+            "train.schedule": "plateau",
+            "train.plateau_patience": 1,
+            "train.plateau_factor": 0.5,
+            "train.min_lr_ratio": 0.2,
+        }
+    )
     model = torch.nn.Linear(2, 2)
     opt = build_optimizer(model, params, torch.device("cpu"))
     per_step, plateau = build_schedulers(opt, params, total_steps=100)
@@ -330,8 +384,9 @@ def test_sigint_from_outside_saves_state_and_exits_130(
     saved = final_state(tmp_path)
     assert 3 <= saved["loop"]["step"] < 20 * STEPS_PER_EPOCH
 
-    again = subprocess.run([*cmd, "--max-steps", "30"], capture_output=True, text=True,
-                           env=env, cwd=tmp_path)  # fmt: skip
+    again = subprocess.run(
+        [*cmd, "--max-steps", "30"], capture_output=True, text=True, env=env, cwd=tmp_path
+    )
     # max_steps shapes the schedule, so this is another run: refused, saying what differs
     assert again.returncode == 2 and "max_steps: None -> 30" in again.stderr
 
@@ -344,8 +399,14 @@ def test_kill_9_loses_at_most_the_unsaved_steps(
     overrides = {"epochs": 6, "train.log_every": 1}
     ref = run(tiny(overrides), data, tmp_path / "ref")
     params = write_params(tmp_path / "params.yaml", overrides)
-    cmd = [sys.executable, "-m", "infinito.train", *cli_args(params, data, tmp_path / "cut"),
-           "--save-every-sec", "0"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "infinito.train",
+        *cli_args(params, data, tmp_path / "cut"),
+        "--save-every-sec",
+        "0",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CI": "1"}
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
     assert proc.stderr is not None
@@ -552,15 +613,33 @@ def test_cli_overrides_apply_on_top_of_params(
     tokenized_data: Callable[..., Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     params = write_params(tmp_path / "params.yaml", {"train.device": "auto"})
-    argv = [*cli_args(params, tokenized_data(), tmp_path), "--epochs", "1", "--batch-size", "2",
-            "--lr", "1e-3", "--lambda-phi", "0", "--seed", "3", "--max-steps", "5",
-            "--device", "cpu"]  # fmt: skip
+    argv = [
+        *cli_args(params, tokenized_data(), tmp_path),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "2",
+        "--lr",
+        "1e-3",
+        "--lambda-phi",
+        "0",
+        "--seed",
+        "3",
+        "--max-steps",
+        "5",
+        "--device",
+        "cpu",
+    ]
     assert main(argv) == 0
     assert "best val loss" in capsys.readouterr().out
     used = final_state(tmp_path)["fingerprint_inputs"]
     assert (used["epochs"], used["batch_size"], used["lr"], used["lambda_phi"], used["seed"]) == (
-        1, 2, 1e-3, 0.0, 3,
-    )  # fmt: skip
+        1,
+        2,
+        1e-3,
+        0.0,
+        3,
+    )
     assert used["train"]["max_steps"] == 5
     metrics = json.loads((tmp_path / "metrics" / "train.json").read_text())
     assert metrics["steps"] == 5 and metrics["epochs_completed"] == pytest.approx(5 / 46, abs=1e-4)
