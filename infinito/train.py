@@ -448,12 +448,12 @@ class Progress:
         self.every, self.tokens_per_step = log_every, tokens_per_step
         self.bar: Any = None
 
-    def start_epoch(self, epoch: int, pos: int) -> None:
+    def start_epoch(self, epoch: int, pos: int, steps_left: int) -> None:
         if self.tty:
             from tqdm import tqdm
 
             self.bar = tqdm(
-                total=self.spe,
+                total=min(self.spe, pos + steps_left),  # max_steps may end it early
                 initial=pos,
                 desc=f"epoch {epoch + 1}/{self.epochs}",
                 unit="step",
@@ -719,7 +719,7 @@ def train(
             while not loop.early_stopped and loop.epoch < params.epochs and loop.step < total_steps:
                 if loop.order is None:
                     loop.order = epoch_order(params.seed, loop.epoch, n_windows)
-                progress.start_epoch(loop.epoch, loop.pos)
+                progress.start_epoch(loop.epoch, loop.pos, total_steps - loop.step)
                 while loop.pos < steps_per_epoch and loop.step < total_steps:
                     t0 = time.perf_counter()
                     idx = loop.order[loop.pos * batch_size : (loop.pos + 1) * batch_size]
