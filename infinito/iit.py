@@ -43,20 +43,22 @@ class ImprovedIITMetrics(nn.Module):
     ``COMPONENTS``.
 
     Each state x_t of a chunk is taken as a unit vector u_t = x_t / |x_t|, and a set of them as
-    the mixture rho = mean_t u_t u_t^T, whose eigenvalues are s_i^2 / C for s the singular
-    values of the stacked u_t (computed from the C x C Gram matrix u u^T), and
-    S(rho) = -sum_i lambda_i log lambda_i is its (von Neumann) entropy. With the chunk's halves
-    A = u_1..u_h and B = u_{h+1}..u_C (h = C // 2, a = h / C):
+    the mixture rho = mean_t u_t u_t^T (a density matrix: unit trace, eigenvalues s_i^2 / C for
+    s the singular values of the stacked u_t). Everything below is read off the chunk's Gram
+    matrix G = u u^T (C x C): with the halves A = u_1..u_h and B = u_{h+1}..u_C (h = C // 2),
 
-    - temporal coherence  = mean_t cos(x_t, x_{t+1})^2            (t = 1..C-1)
-                            the overlap of consecutive states; 0 when orthogonal, 1 when parallel
-    - integration         = 1 - chi / H2(a),  chi = S(rho) - a S(rho_A) - (1 - a) S(rho_B)
-                            chi (the Holevo information) says how distinguishable the halves'
-                            states are, H2 the binary entropy bounds it: 1 when both halves
-                            occupy the same directions, 0 when they share none
-    - complexity          = S(rho) / log(min(C, D))
-                            0 when the chunk repeats one direction, 1 when it spreads evenly
-                            over as many as it can
+    - temporal coherence  = mean_t cos(x_t, x_{t+1})^2 = mean_t G[t, t+1]^2       (t = 1..C-1)
+                            overlap of consecutive states: 0 when orthogonal, 1 when parallel
+    - integration         = <rho_A, rho_B> / (|rho_A| |rho_B|) = |G_AB|^2 / (|G_AA| |G_BB|)
+                            the cosine between the halves' density matrices (Hilbert-Schmidt
+                            inner product, Frobenius norms): 1 when both halves spread over the
+                            same directions in the same proportions, 0 when they share none
+    - complexity          = S2(rho) / log(min(C, D)),  S2(rho) = -log tr(rho^2)
+                                                                = log(tr(G)^2 / |G|^2)
+                            the Renyi-2 (collision) entropy of the singular-value spectrum
+                            p_i = s_i^2 / sum s^2, normalised by its largest value: 0 when the
+                            chunk repeats one direction, 1 when it spreads evenly over as many
+                            as it can
     - attention diversity = mean over heads and queries i = 2..C of H(a_i) / log(i), a_i the
                             causal softmax row of query i over keys 1..i of its chunk; 1 when
                             every query spreads evenly over its past, 0 when each attends to one
@@ -64,8 +66,9 @@ class ImprovedIITMetrics(nn.Module):
                             attention map would be near 1 whatever the rows are.
 
     Unrelated states (random directions) give coherence and integration near 0, so PHI rises
-    only with structure. Everything runs in float32; gradients are finite (singular-value
-    gradients need no eigen-gaps, entropies clamp their logarithms).
+    only with structure. The order-2 entropy needs no eigen- or singular-value decomposition:
+    those synchronise a CUDA device with the host and their batched CPU kernels are slow, while
+    Gram-matrix sums are matrix products with plain, finite gradients. Runs in float32.
     """
 
     def forward(self, states: Tensor, q: Tensor, k: Tensor, chunk: int) -> Tensor:
@@ -73,29 +76,18 @@ class ImprovedIITMetrics(nn.Module):
         n, h = T // chunk, chunk // 2
         u = F.normalize(states[:, : n * chunk].float(), dim=-1, eps=_EPS)
         u = u.reshape(B * n, chunk, D)  # (B*n, C, D)
-        coherence = (u[:, 1:] * u[:, :-1]).sum(-1).pow(2).mean(-1)  # (B*n,)
-        gram = u @ u.transpose(-1, -2)  # (B*n, C, C); its diagonal blocks are the halves'
-        s_all, s_a, s_b = (self.entropy(g) for g in (gram, gram[:, :h, :h], gram[:, h:, h:]))
-        a = h / chunk
-        holevo = s_all - a * s_a - (1 - a) * s_b
-        binary = -(a * math.log(a) + (1 - a) * math.log(1 - a))
-        integration = (1 - holevo / binary).clamp(0, 1)
-        complexity = (s_all / math.log(max(min(chunk, D), 2))).clamp(0, 1)
-        per_chunk = torch.stack([coherence, integration, complexity], dim=-1).view(B, n, 3)
+        gram = u @ u.transpose(-1, -2)  # (B*n, C, C)
+        coherence = gram.diagonal(offset=1, dim1=-2, dim2=-1).pow(2).mean(-1)  # (B*n,)
+        sq = gram.pow(2)
+        across = sq[:, :h, h:].sum((-1, -2))
+        within = sq[:, :h, :h].sum((-1, -2)) * sq[:, h:, h:].sum((-1, -2))
+        integration = across / within.clamp_min(_EPS).sqrt()
+        trace = gram.diagonal(dim1=-2, dim2=-1).sum(-1)
+        renyi2 = (trace.pow(2).clamp_min(_EPS) / sq.sum((-1, -2)).clamp_min(_EPS)).log()
+        complexity = renyi2 / math.log(max(min(chunk, D), 2))
+        per_chunk = torch.stack([coherence, integration, complexity], dim=-1).clamp(0, 1)
         diversity = self.attention_diversity(q, k, chunk, n)  # (B, n)
-        return torch.cat([per_chunk, diversity[..., None]], dim=-1)  # (B, n, 4)
-
-    @staticmethod
-    def entropy(gram: Tensor) -> Tensor:
-        """Von Neumann entropy of the mixture of c unit vectors, from their Gram matrix (M, c, c).
-
-        The mixture's nonzero eigenvalues are those of the Gram matrix u u^T (the squared
-        singular values of u) divided by c; the Gram matrix is far smaller than u when c < D,
-        and eigenvalue gradients need no eigen-gaps.
-        """
-        lam = torch.linalg.eigvalsh(gram).clamp_min(0)  # (M, c)
-        p = lam / lam.sum(-1, keepdim=True).clamp_min(_EPS)
-        return -(p * p.clamp_min(_EPS).log()).sum(-1)
+        return torch.cat([per_chunk.view(B, n, 3), diversity[..., None]], dim=-1)  # (B, n, 4)
 
     @staticmethod
     def attention_diversity(q: Tensor, k: Tensor, chunk: int, n: int) -> Tensor:
