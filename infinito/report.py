@@ -136,7 +136,9 @@ def collect_runs(
                 skipped.append(name or "?")
                 continue
             row = _rev_row(revs[0], name, top_name)
-            if row and row[2] and not exp.get("executor"):
+            # Queued/running/failed runs carry an executor state; finished queue runs "success".
+            state = (exp.get("executor") or {}).get("state", "success")
+            if row and row[2] and state == "success":
                 runs.append(row)
             else:
                 skipped.append(name or str(revs[0].get("rev", ""))[:7])

@@ -143,7 +143,7 @@ def _run(
     return proc
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def run_cmd() -> RunCmd:
     """``run_cmd(args, cwd, env=None, check=True, timeout=600) -> CompletedProcess``."""
     return _run

@@ -1,0 +1,141 @@
+"""The README's experiment workflow, verbatim, in a temporary repository with a tiny config.
+
+``dvc repro``; ``dvc exp run -S lr=...`` re-running train and what follows it but not download or
+tokenize; ``dvc metrics diff`` and ``dvc plots diff`` showing the change; a ``--queue`` sweep run
+by ``dvc queue start``; and ``infinito report`` over the result.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from conftest import copy_repo
+
+from infinito.config import load_params
+
+pytestmark = pytest.mark.slow
+
+DOWNSTREAM_OF_TRAIN = ["train", "evaluate", "generate-samples", "benchmark-inference"]
+QUEUE_TIMEOUT_S = 600
+
+
+def ran_stages(output: str) -> list[str]:
+    return re.findall(r"Running stage '([^']+)'", output)
+
+
+@pytest.fixture(scope="module")
+def repo(reproduced_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return copy_repo(reproduced_repo, tmp_path_factory.mktemp("experiments") / "repo")
+
+
+@pytest.fixture(scope="module")
+def lr_run(repo: Path, run_cmd: Callable) -> str:
+    """``dvc exp run -n lr-1e-3 -S lr=1e-3``, once for the module; its output."""
+    return run_cmd(["dvc", "exp", "run", "-n", "lr-1e-3", "-S", "lr=1e-3"], repo).stdout
+
+
+def test_repro_of_the_committed_baseline_is_up_to_date(repo: Path, run_cmd: Callable) -> None:
+    out = run_cmd(["dvc", "repro"], repo).stdout
+    assert ran_stages(out) == []
+    assert "didn't change, skipping" in out
+    assert "up to date" in run_cmd(["dvc", "status"], repo).stdout
+
+
+def test_exp_run_lr_reruns_train_and_downstream_only(repo: Path, lr_run: str) -> None:
+    assert ran_stages(lr_run) == DOWNSTREAM_OF_TRAIN
+    assert "Stage 'download' didn't change, skipping" in lr_run
+    assert "Stage 'tokenize' didn't change, skipping" in lr_run
+    assert "Ran experiment(s): lr-1e-3" in lr_run
+    assert load_params(repo / "params.yaml").lr == 1e-3
+
+
+def test_metrics_diff_shows_the_change(repo: Path, lr_run: str, run_cmd: Callable) -> None:
+    diff = json.loads(run_cmd(["dvc", "metrics", "diff", "--json"], repo).stdout)
+    loss = diff["metrics/train.json"]["best_val_loss"]
+    assert loss["old"] != loss["new"] and loss["diff"] == pytest.approx(loss["new"] - loss["old"])
+    assert "metrics/eval.json" in diff
+    # The same comparison by name: baseline commit against the experiment.
+    by_name = json.loads(
+        run_cmd(["dvc", "metrics", "diff", "main", "lr-1e-3", "--json"], repo).stdout
+    )
+    assert by_name["metrics/train.json"]["best_val_loss"] == loss
+    md = run_cmd(["dvc", "metrics", "diff", "--md"], repo).stdout
+    assert "best_val_loss" in md
+
+
+def test_plots_diff_shows_the_change(
+    repo: Path, lr_run: str, run_cmd: Callable, tmp_path: Path
+) -> None:
+    spec = json.loads(run_cmd(["dvc", "plots", "diff", "--json"], repo).stdout)["data"]
+    loss = spec["Loss (nats per token)"][0]
+    assert set(loss["revisions"]) == {"workspace", "HEAD"}
+    values = loss["content"]["data"]["values"]
+    by_rev: dict[str, set[str]] = {}
+    for row in values:
+        by_rev.setdefault(row["rev"], set()).add(row["train_loss"])
+    assert set(by_rev) == {"workspace", "HEAD"} and by_rev["workspace"] != by_rev["HEAD"]
+    out = tmp_path / "plots"
+    run_cmd(["dvc", "plots", "diff", "main", "lr-1e-3", "-o", out], repo)
+    html = (out / "index.html").read_text()
+    assert "lr-1e-3" in html and "main" in html
+
+
+@pytest.fixture(scope="module")
+def sweep(repo: Path, lr_run: str, run_cmd: Callable) -> Iterator[list[str]]:
+    """``dvc exp run --queue -S 'generate.temperature=0.5,1.0'`` + ``dvc queue start``."""
+    out = run_cmd(
+        ["dvc", "exp", "run", "--queue", "-S", "generate.temperature=0.5,1.0"], repo
+    ).stdout
+    names = re.findall(r"Queued experiment '([^']+)'", out)
+    try:
+        run_cmd(["dvc", "queue", "start", "-j", "1"], repo)
+        deadline = time.monotonic() + QUEUE_TIMEOUT_S
+        while True:
+            status = run_cmd(["dvc", "queue", "status"], repo).stdout
+            rows = [line for line in status.splitlines() if any(n in line for n in names)]
+            if rows and not any(s in line for line in rows for s in ("Queued", "Running")):
+                break
+            if time.monotonic() > deadline:
+                pytest.fail(f"queued experiments still pending after {QUEUE_TIMEOUT_S}s:\n{status}")
+            time.sleep(2)
+        yield names
+    finally:
+        run_cmd(["dvc", "queue", "stop", "--kill"], repo, check=False)
+
+
+def test_queued_sweep_runs_every_combination(
+    repo: Path, sweep: list[str], run_cmd: Callable
+) -> None:
+    assert len(sweep) == 2
+    status = run_cmd(["dvc", "queue", "status"], repo).stdout
+    for name in sweep:
+        assert re.search(rf"{re.escape(name)}\s.*Success", status), status
+        log = run_cmd(["dvc", "queue", "logs", name], repo).stdout
+        assert "Running stage 'generate-samples'" in log
+        assert "Running stage 'download'" not in log and "Running stage 'tokenize'" not in log
+    shown = json.loads(run_cmd(["dvc", "exp", "show", "--json"], repo).stdout)
+    temps = {}
+    for exp in shown[1]["experiments"]:
+        rev = exp["revs"][0]
+        params = rev["data"]["params"]["params.yaml"]["data"]
+        temps[exp["name"]] = params["generate"]["temperature"]
+        assert "metrics/generate.json" in rev["data"]["metrics"]
+    assert {temps[n] for n in sweep} == {0.5, 1.0}
+    assert temps["lr-1e-3"] == load_params(repo / "params.yaml").generate.temperature
+
+
+def test_report_tabulates_the_experiments(
+    repo: Path, sweep: list[str], run_cmd: Callable, tmp_path: Path
+) -> None:
+    out = tmp_path / "report"
+    md = run_cmd(["infinito", "report", "--repo", repo, "--out", out], repo).stdout
+    csv = (tmp_path / "report.csv").read_text()
+    for name in ("main", "lr-1e-3", *sweep):
+        assert name in md and name in csv
+    assert "best_val_loss" in csv.splitlines()[0]
+    assert "generate.temperature" in csv.splitlines()[0]  # varies, so it is shown
