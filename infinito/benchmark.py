@@ -229,6 +229,7 @@ def hf_reference_model(mcfg: ModelConfig, seed: int, device: torch.device) -> to
         n_embd=mcfg.d_model,
         n_layer=mcfg.n_layer,
         n_head=mcfg.n_head,
+        tie_word_embeddings=False,  # INFINITO's output head is untied
         # No end-of-text token: every run decodes exactly new_tokens, like INFINITO's here.
         bos_token_id=None,
         eos_token_id=None,
