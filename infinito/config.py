@@ -184,7 +184,7 @@ class ModelConfig(Section):
     phi_chunk: int = 32  # tokens per PHI chunk (one memory candidate per chunk)
     threshold_init: float = 3.0  # on the PHI scale [0, 10]
     threshold_temperature: float = 0.5  # softness of the read gate
-    noise_std: float = 0.05
+    noise_std: float = 0.05  # relative to each token's hidden-state RMS
     phi_priority_weight: float = 0.8  # eviction priority weight on PHI vs usage
 
     def __post_init__(self) -> None:
