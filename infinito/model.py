@@ -209,7 +209,9 @@ class Infinito(nn.Module):
         loss = None
         if targets is not None:
             loss = F.cross_entropy(
-                logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX
+                logits.view(-1, logits.size(-1)),
+                targets.reshape(-1).long(),
+                ignore_index=IGNORE_INDEX,
             )
         aux, stats, candidates = self._iit(x0, x, mid, slot_mass, qk[0], qk[-1])
         return ModelOutput(logits, loss, aux, stats, candidates)

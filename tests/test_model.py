@@ -100,6 +100,7 @@ def test_ignored_targets_are_left_out_of_the_loss() -> None:
         model(idx).logits[:, :16].reshape(-1, 61), idx[:, :16].reshape(-1)
     )
     torch.testing.assert_close(model(idx, targets).loss, full)
+    torch.testing.assert_close(model(idx.int(), targets.int()).loss, full)  # int32 ids too
 
 
 @pytest.mark.parametrize("iit", [True, False])
