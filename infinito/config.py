@@ -276,6 +276,7 @@ class TrainConfig(Section):
     max_steps: int | None = None
     log_every: int = 50
     nproc_per_node: int = 1
+    micro_batch_size: int | None = None  # windows per forward pass per process; None: whole share
 
     def __post_init__(self) -> None:
         _check(self.warmup_steps >= 0, "train.warmup_steps", self.warmup_steps, "must be >= 0")
@@ -329,6 +330,12 @@ class TrainConfig(Section):
             "train.nproc_per_node",
             self.nproc_per_node,
             "must be at least 1",
+        )
+        _check(
+            self.micro_batch_size is None or self.micro_batch_size >= 1,
+            "train.micro_batch_size",
+            self.micro_batch_size,
+            "must be null or a positive integer",
         )
 
 

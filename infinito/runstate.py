@@ -1,0 +1,256 @@
+"""Where a training run stands: its loop state, what must not change to resume it, and signals.
+
+``Loop`` is everything about the run's position other than tensors (epoch, optimizer steps, the
+epoch's window order and the position in it counted in global batches, best-so-far, early-stopping
+counters, history). It depends on no process count, so a state saved by one process resumes on
+several and the other way round. The state file records a fingerprint of the params that shape
+the run and of the data; ``previous_state`` refuses (or, told to, discards) a state from others.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import logging
+import math
+import shutil
+import signal
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from infinito import distributed
+from infinito.checkpoint import (
+    diff_keys,
+    file_digest,
+    fingerprint,
+    load_state,
+    portable_rng_state,
+    restore_rng_state,
+    to_cpu,
+)
+from infinito.config import ConfigError, Params
+
+# The train stage's log: one logger for all its lines, wherever the code lives.
+log = logging.getLogger("infinito.train")
+
+STATE_FILE = "state.pt"
+STATE_FORMAT = 1
+# train keys that do not change what is computed (up to floating-point summation order), so a
+# state may resume across them.
+FINGERPRINT_EXCLUDED = ("device", "compile", "log_every", "nproc_per_node", "micro_batch_size")
+
+
+@dataclass
+class Accumulator:
+    """Sums since the last history row (training-mode loss, model stats, timed tokens)."""
+
+    loss_sum: float = 0.0
+    steps: int = 0
+    stats: dict[str, float] = field(default_factory=dict)
+    tokens: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class Loop:
+    """Everything about where the run is, other than tensors of the model and optimizer."""
+
+    epoch: int = 0  # index of the current epoch
+    pos: int = 0  # global batches of the current epoch done
+    step: int = 0  # optimizer steps done
+    order: torch.Tensor | None = None  # the current epoch's window order
+    best_val_loss: float = math.inf
+    best_epoch: float = 0.0
+    best_step: int = 0
+    patience_ref: float = math.inf
+    bad_epochs: int = 0
+    early_stopped: bool = False
+    complete: bool = False
+    history: list[dict[str, Any]] = field(default_factory=list)
+    acc: Accumulator = field(default_factory=Accumulator)
+    acc_stats_steps: int = 0
+    tokens_trained: int = 0
+    timed_tokens: int = 0  # excludes the first step of each session (compilation, warm-up)
+    timed_seconds: float = 0.0
+    first_step_sec: float = 0.0
+    eval_seconds: float = 0.0
+    wall_seconds: float = 0.0  # across sessions
+    final_metrics: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {k: copy.deepcopy(v) for k, v in vars(self).items() if k != "acc"}
+        out["acc"] = copy.deepcopy(vars(self.acc))
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Loop:
+        data = dict(data)
+        acc = Accumulator(**data.pop("acc"))
+        return cls(acc=acc, **data)
+
+
+def fingerprint_inputs(params: Params, data_dir: Path) -> dict[str, Any]:
+    """What shapes the run: the train stage's params (minus hardware/display keys) and the data."""
+    train = {k: v for k, v in params.train.to_dict().items() if k not in FINGERPRINT_EXCLUDED}
+    return {
+        "epochs": params.epochs,
+        "batch_size": params.batch_size,
+        "lr": params.lr,
+        "lambda_phi": params.lambda_phi,
+        "seed": params.seed,
+        "model": params.model.to_dict(),
+        "data": {
+            "seq_len": params.data.seq_len,
+            **{s: file_digest(Path(data_dir) / f"{s}.bin") for s in ("train", "validation")},
+        },
+        "train": train,
+    }
+
+
+def previous_state(
+    state_dir: Path, fp: str, fp_inputs: dict[str, Any], stale_state: str
+) -> dict[str, Any] | None:
+    """The resumable state to continue from, or None to start fresh.
+
+    A state with another fingerprint is refused with the keys that differ, or with
+    ``stale_state="discard"`` deleted (with the best model kept beside it).
+    """
+    path = state_dir / STATE_FILE
+    if not path.exists():
+        return None
+    state = load_state(path)
+    if state.get("format") == STATE_FORMAT and state.get("fingerprint") == fp:
+        return state
+    changed = diff_keys(state.get("fingerprint_inputs", {}), fp_inputs) or ["state format"]
+    what = "; ".join(changed[:8]) + (" ..." if len(changed) > 8 else "")
+    if stale_state == "discard":
+        log.info(
+            "discarding %s: it belongs to a run with other params or data (%s); starting fresh",
+            path,
+            what,
+        )
+        path.unlink()
+        shutil.rmtree(state_dir / "best", ignore_errors=True)
+        return None
+    raise ConfigError(
+        f"{path} was saved by a run with other params or data ({what}); to resume it, restore "
+        f"those params; to start fresh, delete {state_dir} (or pass --stale-state discard)"
+    )
+
+
+def shared_previous_state(
+    d: distributed.Dist, params: Params, data_dir: Path, state_dir: Path, stale_state: str
+) -> tuple[dict[str, Any] | None, str, dict[str, Any]]:
+    """``previous_state`` decided by rank 0 (which owns the files) and shared with every process.
+
+    Returns the state (None: start fresh) and, on rank 0, the run's fingerprint and its inputs
+    (elsewhere "" and {}: only rank 0 saves). A refusal is raised on every process.
+    """
+    fp_inputs: dict[str, Any] = {}
+    fp = ""
+    state, error = None, None
+    if d.is_main:
+        fp_inputs = fingerprint_inputs(params, data_dir)
+        fp = fingerprint(fp_inputs)
+        for tmp in state_dir.glob(f".{STATE_FILE}.*.tmp"):  # a save cut short by kill -9
+            tmp.unlink()
+        try:
+            state = previous_state(state_dir, fp, fp_inputs, stale_state)
+        except ConfigError as e:
+            error = e
+    if d.world > 1:
+        decision = distributed.broadcast_json(
+            {"error": None if error is None else str(error), "resume": state is not None}, d
+        )
+        if decision["error"] is not None:
+            raise error or ConfigError(decision["error"])
+        if decision["resume"]:  # the file's bytes: the other processes need no shared disk
+            path = state_dir / STATE_FILE
+            data = distributed.broadcast_bytes(path.read_bytes() if d.is_main else None, d)
+            if not d.is_main:
+                state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    elif error is not None:
+        raise error
+    return state, fp, fp_inputs
+
+
+def snapshot(
+    fp: str,
+    fp_inputs: dict[str, Any],
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    plateau: Any,
+    scaler: torch.amp.GradScaler,
+    loop: Loop,
+) -> dict[str, Any]:
+    """The resumable state now, on CPU and detached (safe to save from another thread)."""
+    return {
+        "format": STATE_FORMAT,
+        "fingerprint": fp,
+        "fingerprint_inputs": fp_inputs,
+        "model": to_cpu(model.state_dict()),
+        "optimizer": to_cpu(optimizer.state_dict()),
+        "scheduler": copy.deepcopy(scheduler.state_dict()),
+        "plateau": copy.deepcopy(plateau.state_dict()) if plateau is not None else None,
+        "scaler": copy.deepcopy(scaler.state_dict()),
+        "rng": portable_rng_state(),
+        "loop": loop.to_dict(),
+    }
+
+
+def restore(
+    state: dict[str, Any],
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    plateau: Any,
+    scaler: torch.amp.GradScaler,
+    device: torch.device,
+) -> None:
+    """Load ``snapshot``'s tensors and RNG states into a freshly built run."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    for group in optimizer.param_groups:  # the saving run may have used another device
+        group["fused"] = device.type == "cuda" or None
+    scheduler.load_state_dict(state["scheduler"])
+    if plateau is not None:
+        plateau.load_state_dict(state["plateau"])
+    if state["scaler"]:
+        scaler.load_state_dict(state["scaler"])
+    restore_rng_state(state["rng"])
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[list[int]]:
+    """Turn SIGINT/SIGTERM into a flag checked at step boundaries; a second one stops at once.
+
+    Yields a list that receives the signal number. Only the main thread can install handlers;
+    elsewhere (e.g. a Prefect worker thread) the process's own handling applies.
+    """
+    flag: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if flag:
+            raise KeyboardInterrupt
+        flag.append(signum)
+        log.warning(
+            "%s received: saving the state at the end of this step (again to abort)",
+            signal.Signals(signum).name,
+        )
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
