@@ -184,8 +184,8 @@ def rank_seed(seed: int, rank: int, step: int) -> int:
 
 
 def wrap_model(model: torch.nn.Module, probe: Callable[[], torch.Tensor], d: Dist) -> Any:
-    """DistributedDataParallel around ``model``; memory buffers are not broadcast (every process
-    writes the same memory, see ``gather_candidates``).
+    """DistributedDataParallel around ``model``; buffers are not synchronised in forward passes
+    (every process writes the same memory, see ``gather_candidates``).
 
     ``probe()`` returns a loss of one batch; a backward pass through it (random state forked,
     gradients dropped) finds parameters the loss never reaches (e.g. the phi weights when
