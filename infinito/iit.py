@@ -65,10 +65,11 @@ class ImprovedIITMetrics(nn.Module):
                             token. Entropy per row, then averaged: the entropy of an averaged
                             attention map would be near 1 whatever the rows are.
 
-    Unrelated states (random directions) give coherence and integration near 0, so PHI rises
-    only with structure. The order-2 entropy needs no eigen- or singular-value decomposition:
-    those synchronise a CUDA device with the host and their batched CPU kernels are slow, while
-    Gram-matrix sums are matrix products with plain, finite gradients. Runs in float32.
+    Unrelated states (random directions, D much larger than C) give coherence and integration
+    near 0, so those rise only with structure. The order-2 entropy needs no eigen- or
+    singular-value decomposition: those synchronise a CUDA device with the host and their
+    batched CPU kernels are slow, while Gram-matrix sums are matrix products with plain, finite
+    gradients. Runs in float32.
     """
 
     def forward(self, states: Tensor, q: Tensor, k: Tensor, chunk: int) -> Tensor:
