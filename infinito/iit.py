@@ -237,8 +237,8 @@ class IITGuidedMemory(nn.Module):
         return self.out_proj(read), attn.detach().float().mean((0, 1, 2))
 
     @torch.no_grad()
-    def write(self, cand: MemoryCandidates, priority_weight: float) -> dict[str, float]:
-        """Apply one forward pass's candidates; returns write statistics.
+    def write(self, cand: MemoryCandidates, priority_weight: float) -> dict[str, Tensor]:
+        """Apply one forward pass's candidates; returns write statistics as 0-dim tensors.
 
         1. usage <- decay * usage + (1 - decay) * slot_mass / max(slot_mass) on valid slots;
            every valid slot ages by one.
@@ -246,8 +246,13 @@ class IITGuidedMemory(nn.Module):
         3. They go to free slots first, then evict valid slots in increasing order of
            priority = w * PHI / 10 + (1 - w) * usage, the oldest first among equal priorities.
         Buffers are replaced, never modified in place, so a graph built on them stays valid.
+
+        Fixed shapes throughout: the K = min(N, S) best-ranked candidates are paired with the
+        K first slots of the eviction order, and only the accepted pairs change a slot
+        (``torch.where``). How many were accepted is never read on the host, so a CUDA device
+        is not synchronised and the next step can be queued while this one runs.
         """
-        S = self.keys.shape[0]
+        S, N = self.keys.shape[0], cand.phi.shape[0]
         valid, usage, age = self.valid, self.usage, self.age
         if cand.slot_mass is not None:
             mass = cand.slot_mass.to(usage) / cand.slot_mass.max().clamp_min(_EPS)
@@ -257,36 +262,38 @@ class IITGuidedMemory(nn.Module):
 
         phi = cand.phi.to(self.phi)
         accepted = phi > self.threshold.detach()
-        n_write = min(int(accepted.sum()), S)
+        K = min(N, S)
         ranked = torch.where(accepted, phi, torch.full_like(phi, -math.inf))
-        source = ranked.argsort(descending=True, stable=True)[:n_write]
+        source = ranked.argsort(descending=True, stable=True)[:K]  # (K,) accepted ones first
+        take = accepted[source]  # (K,) a prefix of True: the accepted candidates
 
         priority = priority_weight * self.phi / PHI_SCALE + (1 - priority_weight) * usage
         order = age.argsort(descending=True, stable=True)  # oldest first ...
         order = order[priority[order].argsort(stable=True)]  # ... within equal priority
         order = order[valid[order].to(torch.uint8).argsort(stable=True)]  # free slots first
-        slots = order[:n_write]
-        evictions = int(valid[slots].sum())
+        slots = order[:K]  # (K,) distinct slots, paired with source
 
         def put(buffer: Tensor, new: Tensor) -> Tensor:
-            out = buffer.clone()
-            out[slots] = new.to(out)
-            return out
+            new = new.to(buffer)
+            mask = take.view(-1, *([1] * (new.dim() - 1)))
+            return buffer.index_copy(0, slots, torch.where(mask, new, buffer[slots]))
 
+        evictions = (valid[slots] & take).sum()
         self.keys = put(self.keys, cand.keys[source])
         self.values = put(self.values, cand.values[source])
         self.phi = put(self.phi, phi[source])
-        self.usage = put(usage, torch.zeros(n_write))
-        self.age = put(age, torch.zeros(n_write))
-        self.valid = put(valid, torch.ones(n_write))
-        stats = self.stats()
+        self.usage = put(usage, torch.zeros_like(usage[:K]))
+        self.age = put(age, torch.zeros_like(age[:K]))
+        self.valid = put(valid, torch.ones_like(valid[:K]))
+        stats = self.stat_tensors()
+        zero = torch.zeros((), device=phi.device)
         return {
-            "candidates": float(phi.numel()),
-            "writes": float(n_write),
-            "evictions": float(evictions),
+            "candidates": torch.full((), float(N), device=phi.device),
+            "writes": take.sum().float(),
+            "evictions": evictions.float(),
             "memory_utilisation": stats["utilisation"],
             "stored_phi_mean": stats["stored_phi_mean"],
-            "candidate_phi_mean": float(phi.mean()) if phi.numel() else 0.0,
+            "candidate_phi_mean": phi.mean() if N else zero,
         }
 
     @torch.no_grad()
@@ -296,12 +303,17 @@ class IITGuidedMemory(nn.Module):
             setattr(self, name, torch.zeros_like(getattr(self, name)))
 
     @torch.no_grad()
+    def stat_tensors(self) -> dict[str, Tensor]:
+        """``stats`` as 0-dim tensors on the memory's device (no host synchronisation)."""
+        valid = self.valid.float()
+        return {
+            "utilisation": valid.mean(),
+            "stored_phi_mean": (self.phi * valid).sum() / valid.sum().clamp_min(1.0),
+            "threshold": self.threshold.detach(),
+        }
+
+    @torch.no_grad()
     def stats(self) -> dict[str, float]:
         """Utilisation (fraction of valid slots), mean stored PHI (0 when empty), threshold."""
-        n_valid = int(self.valid.sum())
-        stored = float(self.phi[self.valid].mean()) if n_valid else 0.0
-        return {
-            "utilisation": n_valid / self.valid.numel(),
-            "stored_phi_mean": stored,
-            "threshold": float(self.threshold),
-        }
+        stats = self.stat_tensors()
+        return dict(zip(stats, torch.stack(list(stats.values())).tolist(), strict=True))

@@ -310,8 +310,12 @@ class Infinito(nn.Module):
     # ------------------------------------------------------------------ memory
 
     @torch.no_grad()
-    def write_memory(self, candidates: MemoryCandidates | None) -> dict[str, float]:
-        """Write one forward pass's candidates (after the pass); {} when memory is off or None."""
+    def write_memory(self, candidates: MemoryCandidates | None) -> dict[str, Tensor]:
+        """Write one forward pass's candidates (after the pass); {} when memory is off or None.
+
+        The statistics (candidates, writes, evictions, memory_utilisation, stored_phi_mean,
+        candidate_phi_mean) are 0-dim tensors on the model's device: reading them is left to
+        the caller, so a training step needs no host synchronisation here."""
         if self.memory is None or candidates is None:
             return {}
         return self.memory.write(candidates, self.config.phi_priority_weight)

@@ -56,6 +56,16 @@ def populate(model: Infinito, calls: int = 3) -> None:
             model.write_memory(model(tokens(4, seed=100 + i)).candidates)
 
 
+def as_floats(stats: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Write statistics are 0-dim tensors (no host sync in training); read them here."""
+    assert all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in stats.values()), stats
+    return {k: float(v) for k, v in stats.items()}
+
+
+def write(mem: IITGuidedMemory, cand: MemoryCandidates) -> dict[str, float]:
+    return as_floats(mem.write(cand, priority_weight=0.8))
+
+
 def components(states: torch.Tensor, q: torch.Tensor | None = None) -> torch.Tensor:
     """Components of one chunk of states (C, D); uniform attention unless q is given."""
     C, D = states.shape
@@ -236,7 +246,7 @@ def test_empty_memory_reads_exactly_zero_without_nan() -> None:
 
 def test_writes_only_candidates_above_the_threshold() -> None:
     mem = memory()
-    stats = mem.write(candidates([2.0, 4.0, 2.95, 3.05]), priority_weight=0.8)
+    stats = write(mem, candidates([2.0, 4.0, 2.95, 3.05]))
     assert stats["writes"] == 2 and stats["evictions"] == 0 and stats["candidates"] == 4
     assert sorted(mem.phi[mem.valid].tolist()) == pytest.approx([3.05, 4.0])
     assert stats["memory_utilisation"] == 0.5
@@ -252,11 +262,11 @@ def test_free_slots_fill_first_then_lowest_priority_is_evicted_oldest_first() ->
     mem = memory(slots=4)
     mem.write(candidates([5.0, 5.0, 5.0]), priority_weight=0.8)  # three slots, one free
     assert mem.valid.sum() == 3
-    stats = mem.write(candidates([9.0]), priority_weight=0.8)
+    stats = write(mem, candidates([9.0]))
     assert stats["evictions"] == 0 and bool(mem.valid.all())
     assert mem.phi.tolist() == [5.0, 5.0, 5.0, 9.0]
     mem.age = torch.tensor([1, 4, 2, 0])  # slot 1 is the oldest PHI-5 slot
-    stats = mem.write(candidates([6.0]), priority_weight=0.8)
+    stats = write(mem, candidates([6.0]))
     assert stats["evictions"] == 1
     assert mem.phi.tolist() == [5.0, 6.0, 5.0, 9.0]  # equal priorities: the oldest went
     assert mem.age.tolist() == [2, 0, 3, 1]
@@ -270,9 +280,24 @@ def test_free_slots_fill_first_then_lowest_priority_is_evicted_oldest_first() ->
 
 def test_more_candidates_than_slots_keeps_the_highest_phi() -> None:
     mem = memory(slots=2)
-    stats = mem.write(candidates([4.0, 8.0, 5.0, 7.0]), priority_weight=0.8)
+    stats = write(mem, candidates([4.0, 8.0, 5.0, 7.0]))
     assert stats["writes"] == 2
     assert sorted(mem.phi.tolist()) == pytest.approx([7.0, 8.0])
+
+
+def test_a_training_step_and_write_read_no_tensor_value_on_the_host() -> None:
+    """Meta tensors have shapes but no values, so an int()/float()/.item() of a tensor or Python
+    branching on one (each a CUDA host synchronisation) fails on them: forward, backward and
+    the memory write must run there."""
+    with torch.device("meta"):
+        model = build().train()
+        idx = torch.zeros(2, 32, dtype=torch.long)
+    for _ in range(2):
+        out = model(idx, idx)
+        (out.loss + 0.1 * out.aux_loss).backward()
+        stats = model.write_memory(out.candidates)
+        assert {"writes", "evictions", "memory_utilisation"} <= set(stats)
+        assert all(v.device.type == "meta" and v.dim() == 0 for v in stats.values())
 
 
 def test_usage_and_age_statistics() -> None:
@@ -291,7 +316,7 @@ def test_memory_write_is_visible_only_from_the_next_call() -> None:
     model = build().eval()
     idx = tokens()
     first = model(idx)
-    stats = model.write_memory(first.candidates)
+    stats = as_floats(model.write_memory(first.candidates))
     assert stats["writes"] > 0
     with model.memory_reads_disabled():
         unaffected = model(idx)
@@ -355,7 +380,7 @@ def test_memory_is_written_on_real_text_at_initialisation(wikitext_valid: Path) 
     with torch.no_grad():
         for batch in windows.split(4):
             out = model(batch)
-            stats = model.write_memory(out.candidates)
+            stats = as_floats(model.write_memory(out.candidates))
             assert stats["writes"] > 0
             phis.append(out.candidates.phi)
     assert model.memory_stats()["utilisation"] == 1.0
@@ -366,5 +391,5 @@ def test_memory_is_written_on_real_text_at_initialisation(wikitext_valid: Path) 
     with torch.no_grad():
         model.memory.threshold_raw.fill_(torch.log(torch.expm1(median)).item())
     out = model(windows[:4])
-    stats = model.write_memory(out.candidates)
+    stats = as_floats(model.write_memory(out.candidates))
     assert 0 < stats["writes"] < stats["candidates"]
