@@ -256,8 +256,54 @@ def train(
         def current_state() -> dict[str, Any]:
             return snapshot(fp, fp_inputs, model, optimizer, scheduler, plateau, scaler, loop)
 
+        # Each step's loss, grad norm and stats stay on the device until a flush reads them all
+        # at once: a host read per step would stall the host until the device finished the
+        # step, so it could not queue the next one meanwhile (launch-bound on a GPU).
+        pending: list[tuple[int, int, int, torch.Tensor]] = []  # (step, epoch, batch, numbers)
+        stat_keys: list[str] = []
+        last_flush = time.perf_counter()
+
+        def flush() -> tuple[float | None, float | None, int]:
+            """Read the pending steps' numbers (one host sync); raise ``NonFiniteLoss`` naming
+            the first bad step, else add them to the history accumulator. Runs before every
+            validation and save, so no state or best model after a bad step is ever written.
+            Returns the last step's cross-entropy, its stop flag (several processes) and the
+            number of steps read."""
+            nonlocal last_flush
+            last_flush = time.perf_counter()
+            if not pending:
+                return None, None, 0
+            rows = torch.stack([numbers for *_, numbers in pending]).tolist()
+            where = [(step, epoch, batch) for step, epoch, batch, _ in pending]
+            pending.clear()
+            ce_v = flagged = None
+            for (step, epoch, batch), row in zip(where, rows, strict=True):
+                total_v, ce_v, *stat_v, gnorm_v = row
+                flagged = stat_v.pop() if dist.world > 1 else None
+                if not math.isfinite(total_v) or (
+                    not math.isfinite(gnorm_v) and not scaler.is_enabled()
+                ):
+                    if dist.world > 1:  # no process exits while rank 0 saves
+                        if dist.is_main:
+                            with contextlib.suppress(Exception):
+                                saver.wait()
+                        distributed.barrier(dist)
+                    raise NonFiniteLoss(
+                        f"non-finite {'loss' if not math.isfinite(total_v) else 'gradient'}"
+                        f" at step {step} (epoch {epoch}, batch {batch}): loss={total_v}, "
+                        f"grad norm={gnorm_v}; stopped without saving it; the last good state "
+                        f"is {state_path}"
+                    )
+                acc = loop.acc
+                acc.loss_sum += ce_v
+                acc.steps += 1
+                for key, value in zip(stat_keys, stat_v, strict=True):
+                    acc.stats[key] = acc.stats.get(key, 0.0) + value
+            return ce_v, flagged, len(rows)
+
         def save(sync: bool = False) -> None:
             nonlocal last_save
+            flush()
             if dist.is_main:
                 loop.wall_seconds = wall_before + time.perf_counter() - t_session
                 saver.save(current_state(), state_path)
@@ -267,6 +313,7 @@ def train(
 
         def validate() -> Score:
             """Rank 0 scores the validation split; the others wait for its numbers."""
+            flush()
             t0 = time.perf_counter()
             result = Score(0.0, 0)
             if dist.is_main:
@@ -353,7 +400,6 @@ def train(
                         batch = loop.order[loop.pos * batch_size : (loop.pos + 1) * batch_size]
                         parts: list[tuple[Any, int]] = []
                         sums: torch.Tensor | None = None
-                        stat_keys: list[str] = []
                         for k, (lo, hi) in enumerate(layout.parts):
                             x, y = load_windows(data.train, batch[lo:hi], seq_len, device)
                             scale = layout.loss_scales[k]
@@ -376,7 +422,7 @@ def train(
                                         out, loss = forward_backward(x, y, scale)
                                 else:
                                     out, loss = forward_backward(x, y, scale)
-                            stat_keys = list(out.stats)
+                            stat_keys[:] = list(out.stats)
                             v = (
                                 torch.stack(
                                     [
@@ -399,25 +445,15 @@ def train(
                         if dist.world > 1:  # the whole batch's means, and whether any got a signal
                             flag = torch.tensor([1.0 if stop else 0.0], device=device)
                             sums = distributed.all_reduce_sum(torch.cat([sums, flag]))
-                        # One host sync per step: the loss check, logging and stats together.
-                        total_v, ce_v, *stat_v, gnorm_v = torch.cat(
-                            [sums, gnorm.float().reshape(1)]
-                        ).tolist()
-                        flagged = stat_v.pop() if dist.world > 1 else None
-                        if not math.isfinite(total_v) or (
-                            not math.isfinite(gnorm_v) and not scaler.is_enabled()
-                        ):
-                            if dist.world > 1:  # no process exits while rank 0 saves
-                                if dist.is_main:
-                                    with contextlib.suppress(Exception):
-                                        saver.wait()
-                                distributed.barrier(dist)
-                            raise NonFiniteLoss(
-                                f"non-finite {'loss' if not math.isfinite(total_v) else 'gradient'}"
-                                f" at step {loop.step + 1} (epoch {loop.epoch + 1}, batch "
-                                f"{loop.pos + 1}): loss={total_v}, grad norm={gnorm_v}; stopped "
-                                f"without saving it; the last good state is {state_path}"
+                        # the numbers are read (and checked) at the next flush
+                        pending.append(
+                            (
+                                loop.step + 1,
+                                loop.epoch + 1,
+                                loop.pos + 1,
+                                torch.cat([sums, gnorm.float().reshape(1)]),
                             )
+                        )
                         scaler.step(optimizer)
                         scaler.update()
                         optimizer.zero_grad(set_to_none=True)
@@ -432,11 +468,33 @@ def train(
                         loop.pos += 1
                         n_tok = batch_size * seq_len
                         loop.tokens_trained += n_tok
+                        end_of_epoch = loop.pos == steps_per_epoch
+                        eval_due = bool(
+                            tc.eval_every_steps
+                            and loop.step % tc.eval_every_steps == 0
+                            and not end_of_epoch
+                            and loop.step < total_steps
+                        )
+                        save_due = (
+                            not end_of_epoch and time.perf_counter() - last_save >= save_every_sec
+                        )
+                        # Flushing before a validation or save here, not inside them, keeps
+                        # the device's queued work in this step's time. One process on a
+                        # device that runs ahead flushes every log_every steps (or second).
+                        flagged, n_read = None, 0
+                        if (
+                            first_step
+                            or dist.world > 1
+                            or loop.step % tc.log_every == 0
+                            or end_of_epoch
+                            or eval_due
+                            or save_due
+                            or loop.step >= total_steps
+                            or stop
+                            or time.perf_counter() - last_flush >= 1.0
+                        ):
+                            ce_v, flagged, n_read = flush()
                         acc = loop.acc
-                        acc.loss_sum += ce_v
-                        acc.steps += 1
-                        for key, value in zip(stat_keys, stat_v, strict=True):
-                            acc.stats[key] = acc.stats.get(key, 0.0) + value
                         dt = time.perf_counter() - t0
                         if first_step:
                             loop.first_step_sec, first_step = dt, False
@@ -445,19 +503,15 @@ def train(
                             loop.timed_seconds += dt
                             acc.tokens += n_tok
                             acc.seconds += dt
-                        progress.step(loop, ce_v, optimizer.param_groups[0]["lr"])
-                        end_of_epoch = loop.pos == steps_per_epoch
-                        if (
-                            tc.eval_every_steps
-                            and loop.step % tc.eval_every_steps == 0
-                            and not end_of_epoch
-                            and loop.step < total_steps
-                        ):
+                        if n_read:
+                            assert ce_v is not None
+                            progress.step(loop, ce_v, optimizer.param_groups[0]["lr"], n_read)
+                        if eval_due:
                             record(validate(), epoch_end=False)
                         signum = stop_signal(stop, flagged)
                         if signum:
                             raise interrupt(signum)
-                        if not end_of_epoch and time.perf_counter() - last_save >= save_every_sec:
+                        if save_due:
                             save()
                     progress.end_epoch()
                     if loop.pos == steps_per_epoch:

@@ -213,11 +213,13 @@ class Progress:
                 leave=True,
             )
 
-    def step(self, loop: Loop, loss: float, lr: float) -> None:
+    def step(self, loop: Loop, loss: float, lr: float, steps: int = 1) -> None:
+        """``steps`` steps ended at ``loop.step``, the last with training loss ``loss``. The
+        trainer reports every ``log_every`` steps at the latest, so no line is skipped."""
         tok_s = loop.timed_tokens / loop.timed_seconds if loop.timed_seconds > 0 else 0.0
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}", refresh=False)
-            self.bar.update(1)
+            self.bar.update(steps)
         elif self.enabled and loop.step % self.every == 0:
             eta = (self.total - loop.step) * self.tokens_per_step / tok_s if tok_s else 0.0
             log.info(
