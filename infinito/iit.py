@@ -14,7 +14,9 @@ in ``ImprovedIITMetrics``; every one varies with the input and is differentiable
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
@@ -215,25 +217,53 @@ class IITGuidedMemory(nn.Module):
         self.register_buffer("usage", torch.zeros(S))
         self.register_buffer("age", torch.zeros(S, dtype=torch.long))
         self.register_buffer("valid", torch.zeros(S, dtype=torch.bool))
+        self._frozen: tuple[Tensor, Tensor, Tensor] | None = None
 
     @property
     def threshold(self) -> Tensor:
         return F.softplus(self.threshold_raw)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Read for every position of x (B, T, D): returns the read (B, T, D) and the attention
-        mass per slot averaged over batch, heads and positions (S,), detached."""
-        B, T, D = x.shape
-        S, H = self.keys.shape[0], self.n_head
-        q = self.q_proj(self.ln(x)).view(B, T, H, D // H).transpose(1, 2)  # (B, H, T, Dh)
+    def _slots(self) -> tuple[Tensor, Tensor, Tensor]:
+        """The slots as the reads see them: keys, values (H, S, Dh) and the logit bias (S,)."""
+        if self._frozen is not None:
+            return self._frozen
+        S, D = self.keys.shape
+        H = self.n_head
         k = self.k_proj(self.ln(self.keys)).view(S, H, D // H).transpose(0, 1)  # (H, S, Dh)
         v = self.v_proj(self.ln(self.values)).view(S, H, D // H).transpose(0, 1)  # (H, S, Dh)
         gate = F.logsigmoid((self.phi - self.threshold) / self.temperature)  # (S,)
         bias = torch.where(self.valid, gate, torch.full_like(gate, -math.inf))  # (S,)
+        return k, v, bias
+
+    @contextlib.contextmanager
+    def frozen(self) -> Iterator[None]:
+        """Reads inside the block reuse one computation of the slots' projections and gates.
+
+        For generation, which reads many times without writing or training: otherwise every
+        decode step would project all S slots again. The block must not write the memory or
+        change its parameters; reads in it return no slot mass (usage is not tracked).
+        """
+        with torch.no_grad():
+            self._frozen = self._slots()
+        try:
+            yield
+        finally:
+            self._frozen = None
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Read for every position of x (B, T, D): returns the read (B, T, D) and the attention
+        mass per slot averaged over batch, heads and positions (S,), detached (None inside
+        ``frozen``)."""
+        B, T, D = x.shape
+        S, H = self.keys.shape[0], self.n_head
+        q = self.q_proj(self.ln(x)).view(B, T, H, D // H).transpose(1, 2)  # (B, H, T, Dh)
+        k, v, bias = self._slots()
         scores = (q @ k.transpose(-1, -2)) / math.sqrt(D // H) + bias.to(q.dtype)  # (B, H, T, S)
         null = self.null_logit.to(q.dtype).view(1, H, 1, 1).expand(B, H, T, 1)  # (B, H, T, 1)
         attn = torch.cat([scores, null], dim=-1).softmax(-1)[..., :S]  # (B, H, T, S)
-        read = (attn @ v).transpose(1, 2).reshape(B, T, D)  # (B, T, D)
+        read = (attn @ v.to(attn.dtype)).transpose(1, 2).reshape(B, T, D)  # (B, T, D)
+        if self._frozen is not None:
+            return self.out_proj(read), None
         return self.out_proj(read), attn.detach().float().mean((0, 1, 2))
 
     @torch.no_grad()

@@ -68,16 +68,30 @@ class CheckpointError(ValueError):
 
 @dataclass
 class LayerCache:
-    """One layer's keys and values for the tokens decoded so far, (B, H, T_past, Dh) each."""
+    """One layer's keys and values for the tokens decoded so far.
 
+    Buffers of (B, H, capacity, Dh) are allocated at the first update and filled in place, so a
+    decode step copies one token's keys and values instead of concatenating the whole past.
+    """
+
+    capacity: int
     k: Tensor | None = None
     v: Tensor | None = None
+    length: int = 0
 
     def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        if self.k is not None and self.v is not None:
-            k, v = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
-        self.k, self.v = k, v
-        return k, v
+        """Append k, v (B, H, T, Dh); returns every cached position's (B, H, T_all, Dh)."""
+        if self.k is None or self.v is None:
+            B, H, _, Dh = k.shape
+            self.k = k.new_empty(B, H, self.capacity, Dh)
+            self.v = v.new_empty(B, H, self.capacity, Dh)
+        end = self.length + k.shape[2]
+        if end > self.capacity:
+            raise ValueError(f"KV cache of {self.capacity} positions cannot hold {end}")
+        self.k[:, :, self.length : end] = k
+        self.v[:, :, self.length : end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
 
 
 class CausalSelfAttention(nn.Module):
@@ -101,6 +115,8 @@ class CausalSelfAttention(nn.Module):
         dropout_p = self.dropout if self.training else 0.0
         if k_all.shape[2] == T:
             y = F.scaled_dot_product_attention(q, k_all, v_all, dropout_p=dropout_p, is_causal=True)
+        elif T == 1:  # one new token after a cached prefix: it may see every cached position
+            y = F.scaled_dot_product_attention(q, k_all, v_all, dropout_p=dropout_p)
         else:  # decoding after a cached prefix: query i sits at position T_all - T + i
             mask = torch.ones(T, k_all.shape[2], dtype=torch.bool, device=x.device)
             mask = mask.tril(k_all.shape[2] - T)
@@ -380,27 +396,33 @@ class Infinito(nn.Module):
         )
         was_training = self.training
         self.eval()
+        # generation writes no memory: its slots are projected once, not at every step
+        frozen = self.memory.frozen() if self.memory is not None else contextlib.nullcontext()
         try:
-            finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
-            caches: list[LayerCache] | None = None
-            for _ in range(max_new_tokens):
-                if use_cache and idx.shape[1] <= self.config.block_size:
-                    if caches is None:  # prefill with the whole prompt
-                        caches = [LayerCache() for _ in range(self.config.n_layer)]
-                        logits = self._decode(idx, 0, caches)
+            with frozen:
+                finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+                caches: list[LayerCache] | None = None
+                for _ in range(max_new_tokens):
+                    if use_cache and idx.shape[1] <= self.config.block_size:
+                        if caches is None:  # prefill with the whole prompt
+                            caches = [
+                                LayerCache(self.config.block_size)
+                                for _ in range(self.config.n_layer)
+                            ]
+                            logits = self._decode(idx, 0, caches)
+                        else:
+                            logits = self._decode(idx[:, -1:], idx.shape[1] - 1, caches)
                     else:
-                        logits = self._decode(idx[:, -1:], idx.shape[1] - 1, caches)
-                else:
-                    caches = None
-                    logits = self._decode(idx[:, -self.config.block_size :], 0, None)
-                logits = self._penalise(logits.float(), idx, repetition_penalty)  # (B, V)
-                nxt = self._sample(logits, temperature, top_k, top_p, generator)  # (B,)
-                if eos_token_id is not None:
-                    nxt = torch.where(finished, torch.full_like(nxt, eos_token_id), nxt)
-                    finished = finished | (nxt == eos_token_id)
-                idx = torch.cat([idx, nxt[:, None]], dim=1)
-                if eos_token_id is not None and bool(finished.all()):
-                    break
+                        caches = None
+                        logits = self._decode(idx[:, -self.config.block_size :], 0, None)
+                    logits = self._penalise(logits.float(), idx, repetition_penalty)  # (B, V)
+                    nxt = self._sample(logits, temperature, top_k, top_p, generator)  # (B,)
+                    if eos_token_id is not None:
+                        nxt = torch.where(finished, torch.full_like(nxt, eos_token_id), nxt)
+                        finished = finished | (nxt == eos_token_id)
+                    idx = torch.cat([idx, nxt[:, None]], dim=1)
+                    if eos_token_id is not None and bool(finished.all()):
+                        break
         finally:
             self.train(was_training)
         return idx

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from infinito.config import ConfigError, ModelConfig
-from infinito.model import CheckpointError, Infinito, ModelOutput
+from infinito.model import CheckpointError, Infinito, LayerCache, ModelOutput
 
 TINY = ModelConfig(
     vocab_size=61,
@@ -213,6 +213,38 @@ def test_cached_greedy_generation_equals_uncached_and_forward() -> None:
     assert torch.equal(cached, uncached)
     with torch.no_grad():
         assert torch.equal(cached, _greedy_by_forward(model, prompt, n))
+
+
+def test_cache_filled_in_pieces_matches_the_full_forward() -> None:
+    """A prefix, then several tokens at once (causal mask over the cache), then one token
+    (no mask): each time the last logits equal an uncached forward pass's."""
+    model = build()
+    populate(model)
+    model.eval()
+    idx = tokens(2, 14)
+    caches = [LayerCache(model.config.block_size) for _ in range(model.config.n_layer)]
+    with torch.no_grad():
+        for lo, hi in ((0, 10), (10, 13), (13, 14)):
+            got = model._decode(idx[:, lo:hi], lo, caches)
+            torch.testing.assert_close(got, model(idx[:, :hi]).logits[:, -1])
+    assert caches[0].length == 14 and caches[0].k is not None
+    assert caches[0].k.shape[2] == model.config.block_size  # allocated once
+
+
+def test_frozen_memory_reads_equal_live_reads_and_end_with_the_block() -> None:
+    model = build()
+    populate(model)
+    memory = model.memory
+    assert memory is not None
+    x = torch.randn(2, 5, model.config.d_model)
+    with torch.no_grad():
+        live, mass = memory(x)
+        with memory.frozen():
+            frozen, no_mass = memory(x)
+    assert torch.equal(live, frozen) and mass is not None and no_mass is None
+    assert memory._frozen is None
+    model.generate(tokens(1, 3), 2, temperature=0)
+    assert memory._frozen is None
 
 
 def test_generation_reads_but_does_not_write_memory_and_restores_mode() -> None:

@@ -1,7 +1,8 @@
 """Micro-benchmarks of INFINITO's hot paths at the seed's dimensions (d_model 512, 6 layers).
 
-- one decoding step with the KV cache (what ``Infinito.generate`` runs per token), IIT model
-  and ablation, after a 64-token prefix;
+- one decoding step with the KV cache (what ``Infinito.generate`` runs per token: the memory's
+  slots projected once per call, ``IITGuidedMemory.frozen``), IIT model and ablation, after a
+  64-token prefix;
 - the memory read (``IITGuidedMemory.forward``) over a full 256-slot memory, for one decoding
   position and for a training batch;
 - the PHI computation (``ImprovedIITMetrics`` + ``LearnablePhiWeights``) on a training batch.
@@ -12,6 +13,7 @@ the default test run skips them.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any
 
@@ -35,7 +37,7 @@ def test_decode_step_with_kv_cache(benchmark: Any, iit: bool) -> None:
 
     def prefill() -> tuple[tuple[Any, ...], dict[str, Any]]:
         # A fresh cache holding the prefix for every round: a step appends to the cache.
-        caches = [LayerCache() for _ in range(SEED_CFG.n_layer)]
+        caches = [LayerCache(SEED_CFG.block_size) for _ in range(SEED_CFG.n_layer)]
         with torch.no_grad():
             model._decode(prefix, 0, caches)
         return (token, PREFIX, caches), {}
@@ -44,7 +46,9 @@ def test_decode_step_with_kv_cache(benchmark: Any, iit: bool) -> None:
         with torch.no_grad():
             return model._decode(tokens, start, caches)
 
-    logits = benchmark.pedantic(step, setup=prefill, rounds=30, warmup_rounds=3)
+    frozen = model.memory.frozen() if model.memory is not None else contextlib.nullcontext()
+    with frozen:
+        logits = benchmark.pedantic(step, setup=prefill, rounds=30, warmup_rounds=3)
     assert logits.shape == (1, SEED_CFG.vocab_size)
 
 
