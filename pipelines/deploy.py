@@ -96,11 +96,10 @@ def deploy(
     flow_name = infinito_pipeline.name
     seed_name = f"{flow_name}/{SEED_DEPLOYMENT}"
     keep_schedule = cron is None and _deployment_exists(seed_name)
-    common: dict[str, Any] = {
-        "entrypoint_type": EntrypointType.MODULE_PATH,
-        # Runs of one deployment share a checkout; DVC would refuse a second one anyway.
-        "concurrency_limit": 1,
-    }
+    # By module: each worker imports the flow from its own checkout and virtualenv. No
+    # deployment concurrency limit: workers on several machines may each run the seed; one
+    # checkout runs one flow at a time through the worker's own --limit 1.
+    common: dict[str, Any] = {"entrypoint_type": EntrypointType.MODULE_PATH}
     seed = infinito_pipeline.to_deployment(
         name=SEED_DEPLOYMENT,
         work_pool_name=gpu_pool,
