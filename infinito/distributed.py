@@ -170,6 +170,16 @@ def agree_max(value: int, d: Dist) -> int:
     return int(t.item())
 
 
+def stop_signal(stop: list[int], d: Dist, flagged: float | None = None) -> int:
+    """The signal to stop on (0: none), the same on every process: a signal that reached any
+    process stops all. ``flagged``: the processes' summed stop flags when already reduced."""
+    if d.world == 1:
+        return stop[0] if stop else 0
+    if flagged is None:
+        flagged = float(agree_max(1 if stop else 0, d))
+    return agree_max(stop[0] if stop else 0, d) if flagged > 0 else 0
+
+
 def barrier(d: Dist) -> None:
     if d.world > 1:
         dist.barrier()

@@ -56,6 +56,13 @@ class Accumulator:
     tokens: int = 0
     seconds: float = 0.0
 
+    def add(self, loss: float, stats: dict[str, float]) -> None:
+        """One optimizer step's training-mode loss and model stats."""
+        self.loss_sum += loss
+        self.steps += 1
+        for key, value in stats.items():
+            self.stats[key] = self.stats.get(key, 0.0) + value
+
 
 @dataclass
 class Loop:
@@ -82,6 +89,26 @@ class Loop:
     eval_seconds: float = 0.0
     wall_seconds: float = 0.0  # across sessions
     final_metrics: dict[str, Any] | None = None
+
+    def track(
+        self, val_loss: float, epoch: float, epoch_end: bool, min_delta: float, patience: int
+    ) -> bool:
+        """Best-so-far and early stopping after a validation; True when it is the best so far.
+
+        Early stopping counts epoch-end validations without a drop of at least ``min_delta``
+        below the last counted improvement, and sets ``early_stopped`` after ``patience``.
+        """
+        best = val_loss < self.best_val_loss
+        if best:
+            self.best_val_loss, self.best_epoch, self.best_step = val_loss, epoch, self.step
+        if epoch_end:
+            if val_loss < self.patience_ref - min_delta:
+                self.patience_ref, self.bad_epochs = val_loss, 0
+            else:
+                self.bad_epochs += 1
+                if self.bad_epochs >= patience:
+                    self.early_stopped = True
+        return best
 
     def to_dict(self) -> dict[str, Any]:
         out = {k: copy.deepcopy(v) for k, v in vars(self).items() if k != "acc"}

@@ -3,43 +3,28 @@
 ``python -m infinito.train --data data/tokenized --out models/best --state checkpoints
 --metrics metrics/train.json --history metrics/train_history.csv --curves metrics/train_curves.png``
 reads ``epochs``, ``batch_size``, ``lr``, ``lambda_phi``, ``seed`` and the ``model``,
-``data.seq_len`` and ``train`` sections of ``params.yaml``. Options such as ``--lr 1e-4`` override
-them, for use outside DVC:
-``infinito train --epochs 20 --batch-size 16 --lr 2e-4 --lambda-phi 0.1``.
+``data.seq_len`` and ``train`` sections of ``params.yaml``; options such as ``--lr 1e-4`` override
+them outside DVC (``infinito train --epochs 20 --batch-size 16 --lr 2e-4 --lambda-phi 0.1``).
+README, Training and Scaling, describe the whole stage; its parts live beside this module:
 
-Data (``infinito/batches.py``): the train split is cut into non-overlapping windows, window ``i``
-being tokens ``[i*seq_len, i*seq_len + seq_len + 1)`` (inputs ``w[:-1]``, targets ``w[1:]``;
-consecutive windows share one boundary token, so every token is a target once per epoch). The
-windows are reshuffled every epoch by a generator seeded with ``(seed, epoch)``; the last
-incomplete batch is dropped. Loss = cross-entropy + ``lambda_phi`` * the model's Delta-Phi term
-(``lambda_phi = 0``: cross-entropy exactly). After every optimizer step the model writes its
-memory candidates.
+- ``batches.py``: the windows of the memmapped train split, each epoch's seeded order, and how a
+  global batch of ``batch_size`` windows is split over processes and micro-batches;
+- ``optim.py``: AdamW (decay on matrices only) and the warmup + cosine/plateau/constant schedule;
+- ``runstate.py``: the resumable state (bit-for-bit on CPU with one process; any number of
+  processes resumes it), its fingerprint, SIGINT/SIGTERM as a flag checked at step boundaries;
+- ``trainlog.py``: progress, the per-validation history and curves, ``metrics/train.json``;
+- ``distributed.py``: torchrun (``train.nproc_per_node > 1`` re-executes this module under it),
+  DistributedDataParallel, the gathered memory writes; rank 0 alone validates and writes files.
 
-Several processes (``train.nproc_per_node > 1``: this module re-executes itself under torchrun;
-or the user's own torchrun command): DistributedDataParallel, ``batch_size`` stays the global
-batch (each process takes a contiguous shard of it, in micro-batches of at most
-``train.micro_batch_size`` with gradient accumulation), the memory candidates of all processes
-are gathered so every process writes the same memory, and rank 0 alone validates and writes
-files. See ``infinito/distributed.py`` and README, Scaling.
-
-Validation runs at each epoch end (and every ``train.eval_every_steps`` steps when > 0) on the
-whole validation split with ``infinito.evaluate``'s non-overlapping protocol (memory reset, windows
-streamed in order, ``batch_size`` windows per memory step); the training memory is restored
-afterwards. The lowest validation loss is kept in ``<state>/best`` and exported to ``--out`` at the
-end. Early stopping counts epochs without a validation-loss drop of at least ``train.min_delta``.
-
-Resume (``infinito/runstate.py``): ``<state>/state.pt`` holds everything needed to continue
-bit-for-bit on CPU with one process (weights and memory buffers, optimizer, schedulers, RNG
-states, epoch, step, the epoch's order and position in global batches, best-so-far,
-early-stopping counters, history); it names no process count, so any number of processes
-resumes it. It is saved at each epoch end, every ``--save-every-sec`` seconds (default 300: a
-``kill -9`` loses at most five minutes, while saving ~3x the weights each epoch would cost
-noticeable time on a fast GPU), on SIGINT/SIGTERM (then the process exits 130/143) and at the
-end. Rerunning the same command resumes. The state records a fingerprint of the params that
-shape the run and of the data; a state from other params is refused with the keys that differ
-(``--stale-state discard`` starts fresh instead: DVC's command passes it, because DVC only re-runs
-training when params or data changed). A finished state with the same fingerprint is not
-retrained: its outputs are written again.
+Loss = cross-entropy + ``lambda_phi`` * the model's Delta-Phi term (``lambda_phi = 0``:
+cross-entropy exactly); after every optimizer step the model writes its memory candidates.
+Validation (each epoch end, and every ``train.eval_every_steps`` steps) uses the evaluate stage's
+non-overlapping protocol with ``batch_size`` windows per memory step; the training memory is
+restored afterwards. The state is saved at each epoch end, every ``--save-every-sec`` seconds
+(default 300: a ``kill -9`` loses at most five minutes), on SIGINT/SIGTERM (exit 130/143) and at
+the end; rerunning the same command resumes it. A state from other params or data is refused
+naming the keys that differ (``--stale-state discard``, which DVC's command passes, starts fresh
+instead); a finished one is not retrained, its outputs are written again.
 """
 
 from __future__ import annotations
@@ -156,11 +141,8 @@ def train(
             "train.nproc_per_node: 1"
         )
     data = TrainData.open(data_dir, params)
-    seq_len, batch_size, steps_per_epoch = (
-        params.data.seq_len,
-        params.batch_size,
-        data.steps_per_epoch,
-    )
+    seq_len, batch_size = params.data.seq_len, params.batch_size
+    steps_per_epoch = data.steps_per_epoch
     layout = step_layout(
         batch_size, distributed.env_world(), distributed.env_rank(), tc.micro_batch_size
     )
@@ -294,11 +276,7 @@ def train(
                         f"grad norm={gnorm_v}; stopped without saving it; the last good state "
                         f"is {state_path}"
                     )
-                acc = loop.acc
-                acc.loss_sum += ce_v
-                acc.steps += 1
-                for key, value in zip(stat_keys, stat_v, strict=True):
-                    acc.stats[key] = acc.stats.get(key, 0.0) + value
+                loop.acc.add(ce_v, dict(zip(stat_keys, stat_v, strict=True)))
             return ce_v, flagged, len(rows)
 
         def save(sync: bool = False) -> None:
@@ -337,26 +315,19 @@ def train(
                 f"{'-' if train_loss is None else f'{train_loss:.4f}'}  val loss {val.loss:.4f}  "
                 f"val ppl {val.ppl:.2f}"
             )
-            if val.loss < loop.best_val_loss:
-                loop.best_val_loss, loop.best_epoch = val.loss, row["epoch"]
-                loop.best_step = loop.step
+            stopped_before = loop.early_stopped
+            best = loop.track(val.loss, row["epoch"], epoch_end, tc.min_delta, tc.patience)
+            if best:
                 if dist.is_main:
                     model.save(best_dir)  # atomic: the old best stays whole until the new one is
                 msg += "  (best so far)"
             progress.message(msg)
             if plateau is not None and loop.step >= tc.warmup_steps:
                 plateau.step(val.loss)
-            if epoch_end:
-                if val.loss < loop.patience_ref - tc.min_delta:
-                    loop.patience_ref, loop.bad_epochs = val.loss, 0
-                else:
-                    loop.bad_epochs += 1
-                    if loop.bad_epochs >= tc.patience:
-                        loop.early_stopped = True
-                        progress.message(
-                            f"early stopping: no val-loss drop of {tc.min_delta} in "
-                            f"{tc.patience} epoch(s)"
-                        )
+            if loop.early_stopped and not stopped_before:
+                progress.message(
+                    f"early stopping: no val-loss drop of {tc.min_delta} in {tc.patience} epoch(s)"
+                )
 
         def forward_backward(
             x: torch.Tensor, y: torch.Tensor, scale: float
@@ -367,14 +338,6 @@ def train(
             # scale: the micro-batch's share of the global batch x processes (batches.py)
             scaler.scale(loss if scale == 1.0 else loss * scale).backward()
             return out, loss
-
-        def stop_signal(stop: list[int], agreed: float | None = None) -> int:
-            """The signal to stop on (0: none); with several processes, all agree."""
-            if dist.world == 1:
-                return stop[0] if stop else 0
-            if agreed is None:
-                agreed = float(distributed.agree_max(1 if stop else 0, dist))
-            return distributed.agree_max(stop[0] if stop else 0, dist) if agreed > 0 else 0
 
         def interrupt(signum: int) -> TrainingInterrupted:
             progress.end_epoch()
@@ -423,17 +386,9 @@ def train(
                                 else:
                                     out, loss = forward_backward(x, y, scale)
                             stat_keys[:] = list(out.stats)
-                            v = (
-                                torch.stack(
-                                    [
-                                        loss.detach().float(),
-                                        out.loss.detach().float(),
-                                        *(out.stats[key].float() for key in stat_keys),
-                                    ]
-                                )
-                                * layout.shares[k]
-                            )  # a mean over the global batch's windows
-                            sums = v if sums is None else sums + v
+                            row = [loss.detach(), out.loss.detach(), *out.stats.values()]
+                            v = torch.stack([t.float() for t in row]) * layout.shares[k]
+                            sums = v if sums is None else sums + v  # means over the global batch
                             parts.append((out.candidates, hi - lo))
                             del out, loss
                         assert sums is not None
@@ -446,14 +401,8 @@ def train(
                             flag = torch.tensor([1.0 if stop else 0.0], device=device)
                             sums = distributed.all_reduce_sum(torch.cat([sums, flag]))
                         # the numbers are read (and checked) at the next flush
-                        pending.append(
-                            (
-                                loop.step + 1,
-                                loop.epoch + 1,
-                                loop.pos + 1,
-                                torch.cat([sums, gnorm.float().reshape(1)]),
-                            )
-                        )
+                        numbers = torch.cat([sums, gnorm.float().reshape(1)])
+                        pending.append((loop.step + 1, loop.epoch + 1, loop.pos + 1, numbers))
                         scaler.step(optimizer)
                         scaler.update()
                         optimizer.zero_grad(set_to_none=True)
@@ -508,7 +457,7 @@ def train(
                             progress.step(loop, ce_v, optimizer.param_groups[0]["lr"], n_read)
                         if eval_due:
                             record(validate(), epoch_end=False)
-                        signum = stop_signal(stop, flagged)
+                        signum = distributed.stop_signal(stop, dist, flagged)
                         if signum:
                             raise interrupt(signum)
                         if save_due:
@@ -518,7 +467,7 @@ def train(
                         record(validate(), epoch_end=True)
                         loop.epoch, loop.pos, loop.order = loop.epoch + 1, 0, None
                         save()
-                    signum = stop_signal(stop)
+                    signum = distributed.stop_signal(stop, dist)
                     if signum:
                         raise interrupt(signum)
 
@@ -543,15 +492,7 @@ def train(
             loop.eval_seconds += time.perf_counter() - t0
             loop.wall_seconds = wall_before + time.perf_counter() - t_session
             loop.final_metrics = final_metrics(
-                params,
-                model,
-                loop,
-                train_sub,
-                device,
-                dtype,
-                steps_per_epoch,
-                compiled,
-                dist.world,
+                params, model, loop, train_sub, device, dtype, steps_per_epoch, compiled, dist.world
             )
             loop.complete = True
             saver.save(current_state(), state_path)
