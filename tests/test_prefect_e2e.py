@@ -32,8 +32,6 @@ from pipelines.deploy import DEFAULT_CRON, QUICKSTART_DEPLOYMENT, SEED_DEPLOYMEN
 from pipelines.flows import ARTIFACT_DIFF, ARTIFACT_METRICS, ARTIFACT_SUMMARY
 from pipelines.quickstart import QUICKSTART_OVERRIDES
 
-pytestmark = pytest.mark.slow
-
 SERVER_START_TIMEOUT_S = 180
 WORKER_READY_TIMEOUT_S = 120
 RUN_TIMEOUT_S = 600
@@ -139,6 +137,16 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, dict
         srv.stop()
 
 
+def test_deploy_refuses_to_run_without_a_server(capsys: pytest.CaptureFixture) -> None:
+    from pipelines import deploy
+
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        assert deploy.main([]) == 2
+    err = capsys.readouterr().err
+    assert "PREFECT_API_URL is not set" in err and "prefect server start --host 127.0.0.1" in err
+
+
+@pytest.mark.slow
 def test_deploy_worker_and_a_run_through_the_api(
     server: tuple[str, dict[str, str]],
     pipeline_repo: Path,
