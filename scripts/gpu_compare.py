@@ -126,15 +126,56 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def plot(histories: dict[str, Path], out: Path) -> None:
+    """Validation perplexity and training loss per epoch of each run, one PNG."""
+    import csv
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_val, ax_train) = plt.subplots(1, 2, figsize=(10, 4))
+    for name, path in histories.items():
+        with path.open() as f:
+            rows = list(csv.DictReader(f))
+        epochs = [int(r["epoch"]) for r in rows]
+        style = "-" if name.startswith("iit") else "--"
+        ax_val.plot(epochs, [float(r["val_ppl"]) for r in rows], style, marker="o", label=name)
+        ax_train.plot(epochs, [float(r["train_loss"]) for r in rows], style, marker="o", label=name)
+    ax_val.set(xlabel="epoch", ylabel="validation perplexity", yscale="log")
+    ax_train.set(xlabel="epoch", ylabel="training loss (mean over the epoch)")
+    for ax in (ax_val, ax_train):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--params", type=Path, required=True)
-    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--params", type=Path)
+    p.add_argument("--data", type=Path)
     p.add_argument("--work", type=Path, default=Path("compare-runs"))
-    p.add_argument("--out", type=Path, required=True, help="summary JSON")
+    p.add_argument("--out", type=Path, help="summary JSON")
+    p.add_argument("--plot", type=Path, help="also draw every run's curves into this PNG")
+    p.add_argument(
+        "--plot-only",
+        nargs="+",
+        metavar="NAME=HISTORY_CSV",
+        help="only draw the given history files (e.g. copied back from a GPU machine)",
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--budget-sec", type=float, default=1e9, help="start no new run after this")
     args = p.parse_args(argv)
+    if args.plot_only:
+        if args.plot is None:
+            p.error("--plot-only needs --plot PNG")
+        plot({k: Path(v) for k, v in (item.split("=", 1) for item in args.plot_only)}, args.plot)
+        return 0
+    if args.params is None or args.data is None or args.out is None:
+        p.error("--params, --data and --out are required to run the comparison")
     t0 = time.perf_counter()
     runs: list[dict[str, Any]] = []
     for seed in args.seeds:
@@ -145,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
             runs.append(one(args.params, args.data, args.work, iit, seed))
             report = {"runs": runs, "summary": summarise(runs)}
             write_json(args.out, report)
+    if args.plot:
+        plot({r["name"]: args.work / r["name"] / "history.csv" for r in runs}, args.plot)
     print(json.dumps(summarise(runs), indent=2))
     return 0
 
