@@ -27,7 +27,9 @@ def resolve_device(spec: str = "auto") -> torch.device:
     device = torch.device(spec)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError(f"train.device={spec!r} but no CUDA device is visible; use auto or cpu")
+            raise ConfigError(
+                f"train.device={spec!r} but no CUDA device is visible; use auto or cpu"
+            )
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ConfigError(
                 f"train.device={spec!r} but only {torch.cuda.device_count()} CUDA device(s) exist"
