@@ -15,7 +15,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -270,6 +270,23 @@ def pipeline_repo(reproduced_repo: Path, tmp_path: Path) -> Path:
 
 
 _PREFECT_HOME = pytest.StashKey[Path]()
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Tiny models run fastest on one thread and do not fight other processes for the cores.
+
+    Benchmarks under tests/benchmarks keep torch's default, which is what they measure.
+    """
+    if "benchmarks" in request.path.parts:
+        yield
+        return
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def pytest_configure(config: pytest.Config) -> None:
