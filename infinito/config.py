@@ -345,7 +345,7 @@ class EvaluateConfig(Section):
 
     SECTION: typing.ClassVar[str] = "evaluate"
 
-    batch_size: int = 8
+    batch_size: int = 16  # equal to the seed batch_size: validation then matches training's
     sliding_stride: int | None = None  # None: seq_len // 2
     splits: tuple[Literal["train", "validation", "test"], ...] = ("validation", "test")
 
