@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import resource
 import statistics
@@ -67,7 +68,7 @@ class RunTimes:
     @property
     def steps(self) -> list[float]:
         t = self.token_ready
-        return [b - a for a, b in zip(t, t[1:], strict=False)]
+        return [b - a for a, b in itertools.pairwise(t)]
 
     @property
     def total(self) -> float:

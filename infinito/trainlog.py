@@ -141,7 +141,7 @@ def render_curves(path: Path, history: list[dict[str, Any]]) -> None:
     cols = 4 if len(panels) > 4 else 2
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
-    for ax, (title, names, logy) in zip(axes.flat, panels, strict=False):
+    for ax, (title, names, logy) in zip(axes.flat[: len(panels)], panels, strict=True):
         for name in names:
             ax.plot(x, col(name), marker="o", markersize=3, label=name)
         ax.set_title(title)
