@@ -8,42 +8,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_model import TINY as TINY_MODEL
+from tiny_model import build, populate, tokens
 
-from infinito.config import ModelConfig
 from infinito.iit import (
     IITGuidedMemory,
     ImprovedIITMetrics,
     LearnablePhiWeights,
     MemoryCandidates,
 )
-from infinito.model import Infinito
 
-TINY = ModelConfig(
-    vocab_size=61,
-    d_model=32,
-    n_layer=2,
-    n_head=4,
-    block_size=32,
-    dropout=0.0,
-    memory_slots=8,
-    phi_chunk=8,
-)
+TINY = replace(TINY_MODEL, dropout=0.0)  # noise is then the only randomness
 METRICS = ImprovedIITMetrics()
-
-
-def build(cfg: ModelConfig = TINY, seed: int = 0) -> Infinito:
-    torch.manual_seed(seed)
-    return Infinito(cfg)
-
-
-def tokens(batch: int = 2, length: int = 32, seed: int = 1, vocab: int = 61) -> torch.Tensor:
-    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
-def populate(model: Infinito, calls: int = 3) -> None:
-    with torch.no_grad():
-        for i in range(calls):
-            model.write_memory(model(tokens(4, seed=100 + i)).candidates)
 
 
 def as_floats(stats: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -93,7 +69,7 @@ def test_attention_diversity_is_per_row_entropy() -> None:
 
 
 def test_components_are_in_unit_interval_and_vary_with_the_input() -> None:
-    model = build().eval()
+    model = build(TINY).eval()
     random_text = tokens(4, 32, seed=3)
     one_token = torch.full((4, 32), 7)
     with torch.no_grad():
@@ -132,7 +108,7 @@ def test_phi_weights_start_at_the_seed_values() -> None:
 
 
 def test_short_sequences_use_one_chunk_and_single_tokens_skip_phi() -> None:
-    model = build().eval()
+    model = build(TINY).eval()
     out = model(tokens(2, 5))  # shorter than phi_chunk=8: the whole sequence is one chunk
     assert out.candidates is not None and out.candidates.phi.shape == (2,)
     out = model(tokens(2, 1))
@@ -144,14 +120,14 @@ def test_short_sequences_use_one_chunk_and_single_tokens_skip_phi() -> None:
 
 
 def test_aux_loss_is_bounded_and_defined_by_delta_phi() -> None:
-    model = build()
+    model = build(TINY)
     out = model(tokens())
     assert -1 <= out.aux_loss.item() <= 1
     torch.testing.assert_close(out.aux_loss.detach(), -out.stats["delta_phi"] / 10)
 
 
 def test_minimising_the_aux_loss_raises_phi() -> None:
-    model = build()
+    model = build(TINY)
     idx = tokens(4, 32)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
 
@@ -171,7 +147,7 @@ def test_minimising_the_aux_loss_raises_phi() -> None:
 
 
 def test_threshold_learns_from_the_language_model_loss() -> None:
-    model = build()
+    model = build(TINY)
     populate(model)
     idx = tokens()
     out = model(idx, idx)
@@ -181,7 +157,7 @@ def test_threshold_learns_from_the_language_model_loss() -> None:
 
 
 def test_phi_weights_learn_only_through_the_aux_loss() -> None:
-    model = build()
+    model = build(TINY)
     populate(model)
     idx = tokens()
     out = model(idx, idx)
@@ -200,7 +176,7 @@ def test_phi_weights_learn_only_through_the_aux_loss() -> None:
 
 
 def test_noise_only_in_training() -> None:
-    model = build()  # dropout 0: noise is the only randomness
+    model = build(TINY)  # dropout 0: noise is the only randomness
     idx = tokens()
     model.train()
     assert not torch.equal(model(idx).logits, model(idx).logits)
@@ -280,7 +256,7 @@ def test_a_training_step_and_write_read_no_tensor_value_on_the_host() -> None:
     branching on one (each a CUDA host synchronisation) fails on them: forward, backward and
     the memory write must run there."""
     with torch.device("meta"):
-        model = build().train()
+        model = build(TINY).train()
         idx = torch.zeros(2, 32, dtype=torch.long)
     for _ in range(2):
         out = model(idx, idx)
@@ -303,7 +279,7 @@ def test_usage_and_age_statistics() -> None:
 
 
 def test_memory_write_is_visible_only_from_the_next_call() -> None:
-    model = build().eval()
+    model = build(TINY).eval()
     idx = tokens()
     first = model(idx)
     stats = as_floats(model.write_memory(first.candidates))
@@ -320,7 +296,7 @@ def test_memory_write_is_visible_only_from_the_next_call() -> None:
 
 
 def test_a_write_between_forward_and_backward_keeps_the_graph_valid() -> None:
-    model = build().train()
+    model = build(TINY).train()
     populate(model)
     idx = tokens()
     out = model(idx, idx)
@@ -330,7 +306,7 @@ def test_a_write_between_forward_and_backward_keeps_the_graph_valid() -> None:
 
 
 def test_memory_state_is_saved_with_the_weights() -> None:
-    model = build()
+    model = build(TINY)
     populate(model)
     state = model.state_dict()
     for name in ("keys", "values", "phi", "usage", "age", "valid"):

@@ -10,20 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tiny_model import TINY, build, populate, tokens
 
 from infinito.config import ConfigError, ModelConfig
 from infinito.model import CheckpointError, Infinito, LayerCache, ModelOutput
 
-TINY = ModelConfig(
-    vocab_size=61,
-    d_model=32,
-    n_layer=2,
-    n_head=4,
-    block_size=32,
-    dropout=0.1,
-    memory_slots=8,
-    phi_chunk=8,
-)
 IIT_KEYS = {
     "phi_mean",
     "phi_temporal_coherence",
@@ -40,23 +31,6 @@ IIT_KEYS = {
     "memory_utilisation",
     "candidate_phi_mean",
 }
-
-
-def build(cfg: ModelConfig = TINY, seed: int = 0) -> Infinito:
-    torch.manual_seed(seed)
-    return Infinito(cfg)
-
-
-def tokens(batch: int = 2, length: int = 32, seed: int = 1, vocab: int = 61) -> torch.Tensor:
-    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
-def populate(model: Infinito, calls: int = 3) -> None:
-    """Fill the memory through the public path: forward passes, then writes."""
-    with torch.no_grad():
-        for i in range(calls):
-            model.write_memory(model(tokens(4, seed=100 + i)).candidates)
-    assert model.memory is not None and bool(model.memory.valid.any())
 
 
 # ---------------------------------------------------------------- shapes and losses

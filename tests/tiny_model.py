@@ -1,0 +1,36 @@
+"""A tiny INFINITO for CPU tests of the model and its IIT parts (seconds, not minutes)."""
+
+from __future__ import annotations
+
+import torch
+
+from infinito.config import ModelConfig
+from infinito.model import Infinito
+
+TINY = ModelConfig(
+    vocab_size=61,
+    d_model=32,
+    n_layer=2,
+    n_head=4,
+    block_size=32,
+    dropout=0.1,
+    memory_slots=8,
+    phi_chunk=8,
+)
+
+
+def build(cfg: ModelConfig = TINY, seed: int = 0) -> Infinito:
+    torch.manual_seed(seed)
+    return Infinito(cfg)
+
+
+def tokens(batch: int = 2, length: int = 32, seed: int = 1, vocab: int = 61) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def populate(model: Infinito, calls: int = 3) -> None:
+    """Fill the memory through the public path: forward passes, then writes."""
+    with torch.no_grad():
+        for i in range(calls):
+            model.write_memory(model(tokens(4, seed=100 + i)).candidates)
+    assert model.memory is not None and bool(model.memory.valid.any())
