@@ -272,6 +272,39 @@ def pipeline_repo(reproduced_repo: Path, tmp_path: Path) -> Path:
 _PREFECT_HOME = pytest.StashKey[Path]()
 
 
+def train_outputs(root: Path) -> dict[str, Path]:
+    """The train stage's output paths under ``root``, laid out as in dvc.yaml (keyword names of
+    ``infinito.train.train``)."""
+    return {
+        "out_dir": root / "models" / "best",
+        "state_dir": root / "checkpoints",
+        "metrics_path": root / "metrics" / "train.json",
+        "history_path": root / "metrics" / "train_history.csv",
+        "curves_path": root / "metrics" / "train_curves.png",
+    }
+
+
+def train_cli_args(params: Path, data: Path, root: Path) -> list[str]:
+    """Arguments of ``python -m infinito.train`` writing ``train_outputs(root)``."""
+    o = train_outputs(root)
+    return [
+        "--params",
+        str(params),
+        "--data",
+        str(data),
+        "--out",
+        str(o["out_dir"]),
+        "--state",
+        str(o["state_dir"]),
+        "--metrics",
+        str(o["metrics_path"]),
+        "--history",
+        str(o["history_path"]),
+        "--curves",
+        str(o["curves_path"]),
+    ]
+
+
 @pytest.fixture(autouse=True)
 def _one_thread(request: pytest.FixtureRequest) -> Iterator[None]:
     """Tiny models run fastest on one thread and do not fight other processes for the cores.

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
-from conftest import command_env, markov_tokens, write_tokenized
+from conftest import command_env, markov_tokens, train_cli_args, train_outputs, write_tokenized
 
 from infinito import distributed
 from infinito.batches import epoch_order, step_layout
@@ -70,39 +70,15 @@ def params(overrides: dict[str, Any] | None = None) -> Params:
     return Params.from_dict(apply_overrides(BASE, overrides or {}))
 
 
-def outputs(root: Path) -> dict[str, Path]:
-    return {
-        "out_dir": root / "models" / "best",
-        "state_dir": root / "checkpoints",
-        "metrics_path": root / "metrics" / "train.json",
-        "history_path": root / "metrics" / "train_history.csv",
-        "curves_path": root / "metrics" / "train_curves.png",
-    }
-
-
 def cli(root: Path, data: Path, overrides: dict[str, Any]) -> list[str]:
     """``python -m infinito.train`` for ``root`` with BASE + ``overrides`` in root/params.yaml."""
     root.mkdir(parents=True, exist_ok=True)
     (root / "params.yaml").write_text(yaml.safe_dump(apply_overrides(BASE, overrides)))
-    o = outputs(root)
     return [
         sys.executable,
         "-m",
         "infinito.train",
-        "--params",
-        str(root / "params.yaml"),
-        "--data",
-        str(data),
-        "--out",
-        str(o["out_dir"]),
-        "--state",
-        str(o["state_dir"]),
-        "--metrics",
-        str(o["metrics_path"]),
-        "--history",
-        str(o["history_path"]),
-        "--curves",
-        str(o["curves_path"]),
+        *train_cli_args(root / "params.yaml", data, root),
     ]
 
 
@@ -160,7 +136,7 @@ def reference(data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
     """One process, the whole global batch per forward pass: the state it ends with."""
     root = tmp_path_factory.mktemp("reference")
     with torch_threads(1):
-        metrics = train(params(), data, **outputs(root))
+        metrics = train(params(), data, **train_outputs(root))
     assert metrics["steps"] == STEPS
     return final_state(root)
 
@@ -278,7 +254,7 @@ def test_memory_candidates_of_all_processes_are_gathered_in_global_batch_order(
 def test_gradient_accumulation_in_one_process_matches_the_whole_batch(
     data: Path, reference: dict[str, Any], tmp_path: Path
 ) -> None:
-    train(params({"train.micro_batch_size": 2}), data, **outputs(tmp_path))  # 5 = 2 + 2 + 1
+    train(params({"train.micro_batch_size": 2}), data, **train_outputs(tmp_path))  # 5 = 2 + 2 + 1
     assert compare(reference, final_state(tmp_path)) < WEIGHT_ATOL
 
 
@@ -298,7 +274,7 @@ def test_two_processes_resume_a_one_process_run_and_match_it(
 
     monkeypatch.setattr(Infinito, "write_memory", write_memory)
     with pytest.raises(TrainingInterrupted, match="SIGINT at step 10"):
-        train(params(), data, **outputs(tmp_path))
+        train(params(), data, **train_outputs(tmp_path))
     monkeypatch.undo()
 
     cmd = cli(tmp_path, data, {"train.nproc_per_node": 2, "train.micro_batch_size": 2})
@@ -334,7 +310,7 @@ def test_sigint_to_torchrun_saves_a_state_that_one_process_resumes(
     saved = final_state(tmp_path)
     assert 3 <= saved["loop"]["step"] < STEPS and not saved["loop"]["complete"]
 
-    train(params(), data, **outputs(tmp_path))
+    train(params(), data, **train_outputs(tmp_path))
     state = final_state(tmp_path)
     assert state["loop"]["complete"] and state["loop"]["step"] == STEPS
     assert compare(reference, state) < WEIGHT_ATOL

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from conftest import train_cli_args, train_outputs
 
 from infinito import train as train_mod
 from infinito.checkpoint import load_state
@@ -134,38 +135,8 @@ def write_params(path: Path, overrides: dict[str, Any] | None = None) -> Path:
     return path
 
 
-def outputs(root: Path) -> dict[str, Path]:
-    return {
-        "out_dir": root / "models" / "best",
-        "state_dir": root / "checkpoints",
-        "metrics_path": root / "metrics" / "train.json",
-        "history_path": root / "metrics" / "train_history.csv",
-        "curves_path": root / "metrics" / "train_curves.png",
-    }
-
-
 def run(params: Params, data: Path, root: Path, **kwargs: Any) -> dict[str, Any]:
-    return train(params, data, **outputs(root), **kwargs)
-
-
-def cli_args(params: Path, data: Path, root: Path) -> list[str]:
-    o = outputs(root)
-    return [
-        "--params",
-        str(params),
-        "--data",
-        str(data),
-        "--out",
-        str(o["out_dir"]),
-        "--state",
-        str(o["state_dir"]),
-        "--metrics",
-        str(o["metrics_path"]),
-        "--history",
-        str(o["history_path"]),
-        "--curves",
-        str(o["curves_path"]),
-    ]
+    return train(params, data, **train_outputs(root), **kwargs)
 
 
 def history(root: Path) -> list[dict[str, str]]:
@@ -263,7 +234,7 @@ def test_epoch_order_is_a_seeded_permutation_that_changes_every_epoch() -> None:
 # ----------------------------------------------------------------------------- training
 
 
-def test_training_lowers_validation_loss_and_writes_its_outputs(
+def test_training_lowers_validation_loss_and_writes_its_train_outputs(
     tokenized_data: Callable[..., Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="infinito.train")
@@ -368,7 +339,7 @@ def test_sigint_from_outside_saves_state_and_exits_130(
 ) -> None:
     data = tokenized_data()
     params = write_params(tmp_path / "params.yaml", {"epochs": 20, "train.log_every": 1})
-    cmd = [sys.executable, "-m", "infinito.train", *cli_args(params, data, tmp_path)]
+    cmd = [sys.executable, "-m", "infinito.train", *train_cli_args(params, data, tmp_path)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CI": "1"}
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
     assert proc.stderr is not None
@@ -403,7 +374,7 @@ def test_kill_9_loses_at_most_the_unsaved_steps(
         sys.executable,
         "-m",
         "infinito.train",
-        *cli_args(params, data, tmp_path / "cut"),
+        *train_cli_args(params, data, tmp_path / "cut"),
         "--save-every-sec",
         "0",
     ]
@@ -448,7 +419,7 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_state(
 
     monkeypatch.setattr(Infinito, "forward", forward)
     params = write_params(tmp_path / "params.yaml")
-    code = main([*cli_args(params, tokenized_data(), tmp_path), "--save-every-sec", "0"])
+    code = main([*train_cli_args(params, tokenized_data(), tmp_path), "--save-every-sec", "0"])
     assert code == 1
     err = capsys.readouterr().err
     assert "non-finite loss at step 30 (epoch 2, batch 7)" in err
@@ -538,7 +509,7 @@ def test_finished_run_is_not_retrained(
 ) -> None:
     data = tokenized_data()
     first = run(tiny({"epochs": 1}), data, tmp_path)
-    for path in outputs(tmp_path).values():
+    for path in train_outputs(tmp_path).values():
         if path.is_file():
             path.unlink()
     (tmp_path / "models" / "best" / "model.safetensors").unlink()  # as `dvc repro` removes outs
@@ -614,7 +585,7 @@ def test_cli_overrides_apply_on_top_of_params(
 ) -> None:
     params = write_params(tmp_path / "params.yaml", {"train.device": "auto"})
     argv = [
-        *cli_args(params, tokenized_data(), tmp_path),
+        *train_cli_args(params, tokenized_data(), tmp_path),
         "--epochs",
         "1",
         "--batch-size",
