@@ -40,7 +40,7 @@ VOCAB_SIZE = 50257
 EOS_TOKEN_ID = 50256  # <|endoftext|>
 DTYPE = np.uint16  # every GPT-2 id (< 50257) fits
 PIECE_CHARS = 1 << 16  # text per encoder input; many inputs per batch keep both cores busy
-BATCH_CHARS = 1 << 23  # text per batch encode call: bounds memory (ids and encodings of ~8 MB)
+BATCH_CHARS = 1 << 23  # text per batch encode call: bounds peak memory (a few hundred MB)
 
 
 @functools.cache
