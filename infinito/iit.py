@@ -195,6 +195,10 @@ class IITGuidedMemory(nn.Module):
 
     Write (``write``, no gradient, outside forward): see ``write``. Reads see only the buffers as
     they were when the forward pass started, so a write becomes visible from the next call.
+    Writes and ``reset`` change the buffers in place: they keep their storage, so a CUDA graph
+    captured over the forward pass (``torch.compile(mode="reduce-overhead")``) reads the memory
+    as it is now. A read that builds an autograd graph reads copies of the buffers, so a write
+    before that graph's backward pass leaves it valid.
     """
 
     USAGE_DECAY = 0.9  # EMA factor for slot usage: about the last ten reads count
@@ -227,12 +231,15 @@ class IITGuidedMemory(nn.Module):
         """The slots as the reads see them: keys, values (H, S, Dh) and the logit bias (S,)."""
         if self._frozen is not None:
             return self._frozen
-        S, D = self.keys.shape
+        keys, values, phi, valid = self.keys, self.values, self.phi, self.valid
+        if torch.is_grad_enabled():  # the graph saves copies: later in-place writes spare them
+            keys, values, phi, valid = keys.clone(), values.clone(), phi.clone(), valid.clone()
+        S, D = keys.shape
         H = self.n_head
-        k = self.k_proj(self.ln(self.keys)).view(S, H, D // H).transpose(0, 1)  # (H, S, Dh)
-        v = self.v_proj(self.ln(self.values)).view(S, H, D // H).transpose(0, 1)  # (H, S, Dh)
-        gate = F.logsigmoid((self.phi - self.threshold) / self.temperature)  # (S,)
-        bias = torch.where(self.valid, gate, torch.full_like(gate, -math.inf))  # (S,)
+        k = self.k_proj(self.ln(keys)).view(S, H, D // H).transpose(0, 1)  # (H, S, Dh)
+        v = self.v_proj(self.ln(values)).view(S, H, D // H).transpose(0, 1)  # (H, S, Dh)
+        gate = F.logsigmoid((phi - self.threshold) / self.temperature)  # (S,)
+        bias = torch.where(valid, gate, torch.full_like(gate, -math.inf))  # (S,)
         return k, v, bias
 
     @contextlib.contextmanager
@@ -275,7 +282,8 @@ class IITGuidedMemory(nn.Module):
         2. Candidates with PHI > threshold are accepted, highest PHI first (at most S).
         3. They go to free slots first, then evict valid slots in increasing order of
            priority = w * PHI / 10 + (1 - w) * usage, the oldest first among equal priorities.
-        Buffers are replaced, never modified in place, so a graph built on them stays valid.
+        The new contents are computed first and then copied into the buffers in place (their
+        storage, and so a captured CUDA graph's view of them, stays the same).
 
         Fixed shapes throughout: the K = min(N, S) best-ranked candidates are paired with the
         K first slots of the eviction order, and only the accepted pairs change a slot
@@ -309,12 +317,16 @@ class IITGuidedMemory(nn.Module):
             return buffer.index_copy(0, slots, torch.where(mask, new, buffer[slots]))
 
         evictions = (valid[slots] & take).sum()
-        self.keys = put(self.keys, cand.keys[source])
-        self.values = put(self.values, cand.values[source])
-        self.phi = put(self.phi, phi[source])
-        self.usage = put(usage, torch.zeros_like(usage[:K]))
-        self.age = put(age, torch.zeros_like(age[:K]))
-        self.valid = put(valid, torch.ones_like(valid[:K]))
+        new = {
+            "keys": put(self.keys, cand.keys[source]),
+            "values": put(self.values, cand.values[source]),
+            "phi": put(self.phi, phi[source]),
+            "usage": put(usage, torch.zeros_like(usage[:K])),
+            "age": put(age, torch.zeros_like(age[:K])),
+            "valid": put(valid, torch.ones_like(valid[:K])),
+        }
+        for name, value in new.items():
+            getattr(self, name).copy_(value)
         stats = self.stat_tensors()
         zero = torch.zeros((), device=phi.device)
         return {
@@ -328,9 +340,9 @@ class IITGuidedMemory(nn.Module):
 
     @torch.no_grad()
     def reset(self) -> None:
-        """Empty every slot (buffers replaced, shapes and devices kept)."""
+        """Empty every slot (in place: shapes, devices and storage kept)."""
         for name in ("keys", "values", "phi", "usage", "age", "valid"):
-            setattr(self, name, torch.zeros_like(getattr(self, name)))
+            getattr(self, name).zero_()
 
     @torch.no_grad()
     def stat_tensors(self) -> dict[str, Tensor]:

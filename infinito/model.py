@@ -23,6 +23,11 @@ With ``config.iit`` (see ``infinito/iit.py`` for the parts and their formulas):
   caller applies them with ``write_memory`` after the pass, so a write is visible only from the
   next call.
 
+Training loss: with targets, in training mode, the output head and the cross-entropy run
+together block by block (``infinito/losses.py``), so the (B, T, V) logits never exist whole and
+``forward`` returns no logits; ``return_logits=True`` asks for them (and computes the loss from
+them, as evaluation does by default).
+
 Causality: the logits at position t depend only on tokens <= t of the same sequence and on the
 memory as it was when the call started. ``iit=False`` is the ablation: the same backbone, with
 parameters identical to the IIT model's at the same seed (the backbone is built and initialised
@@ -57,8 +62,8 @@ from infinito.iit import (
     StochasticExploration,
     chunk_length,
 )
+from infinito.losses import IGNORE_INDEX, Impl, linear_cross_entropy
 
-IGNORE_INDEX = -100  # targets equal to this are left out of the loss (PyTorch's default)
 WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 
 
@@ -156,12 +161,13 @@ class Block(nn.Module):
 class ModelOutput(NamedTuple):
     """What ``Infinito.forward`` returns; ``out[0]`` is the logits.
 
-    logits (B, T, V); loss: mean cross-entropy over targets != -100, or None without targets;
+    logits (B, T, V), or None when not asked for (training with targets, see ``forward``);
+    loss: mean cross-entropy over targets != -100 (IGNORE_INDEX), or None without targets;
     aux_loss: the Delta-Phi loss (an exact zero tensor when the PHI loss is off); stats: detached
     0-dim tensors of this call; candidates: memory-write candidates for ``write_memory``, or None.
     """
 
-    logits: Tensor
+    logits: Tensor | None
     loss: Tensor | None
     aux_loss: Tensor
     stats: dict[str, Tensor]
@@ -194,6 +200,8 @@ class Infinito(nn.Module):
         if self.memory is not None:
             self._init_weights(self.memory)
         self._reads_enabled = True
+        # how the loss is computed without logits: "chunked" (PyTorch, any device) or "liger"
+        self.cross_entropy: Impl = "chunked"
 
     def _init_weights(self, *modules: nn.Module) -> None:
         residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
@@ -209,9 +217,19 @@ class Infinito(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
-    def forward(self, idx: Tensor, targets: Tensor | None = None) -> ModelOutput:
-        """idx (B, T) token ids, T <= block_size; targets (B, T) or None. See ``ModelOutput``."""
+    def forward(
+        self, idx: Tensor, targets: Tensor | None = None, *, return_logits: bool | None = None
+    ) -> ModelOutput:
+        """idx (B, T) token ids, T <= block_size; targets (B, T) or None. See ``ModelOutput``.
+
+        ``return_logits`` (default: not when training with targets) returns the logits, and the
+        loss is then computed from them; without, the loss is computed by blocks of rows
+        (``infinito.losses``) and no (B, T, V) tensor is formed. Both give the same loss and
+        gradients up to float rounding.
+        """
         self._check_input(idx, targets)
+        if return_logits is None:
+            return_logits = targets is None or not self.training
         x0 = self._embed(idx, start=0)  # (B, T, D)
         x = self.transformer.drop(x0)
         mid, slot_mass, qk = x, None, []
@@ -221,13 +239,21 @@ class Infinito(nn.Module):
                 x, slot_mass = self._memory_point(x)
             x, q, k = block(x)
             qk.append((q, k))
-        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, V)
+        h = self.transformer.ln_f(x)  # (B, T, D)
+        logits = self.lm_head(h) if return_logits else None  # (B, T, V)
         loss = None
-        if targets is not None:
+        if targets is not None and logits is not None:
             loss = F.cross_entropy(
                 logits.view(-1, logits.size(-1)),
                 targets.reshape(-1).long(),
                 ignore_index=IGNORE_INDEX,
+            )
+        elif targets is not None:
+            loss = linear_cross_entropy(
+                h.reshape(-1, h.size(-1)),  # (B*T, D)
+                self.lm_head.weight,
+                targets.reshape(-1),
+                impl=self.cross_entropy,
             )
         aux, stats, candidates = self._iit(x0, x, mid, slot_mass, qk[0], qk[-1])
         return ModelOutput(logits, loss, aux, stats, candidates)

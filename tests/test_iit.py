@@ -300,9 +300,27 @@ def test_a_write_between_forward_and_backward_keeps_the_graph_valid() -> None:
     populate(model)
     idx = tokens()
     out = model(idx, idx)
-    model.write_memory(out.candidates)  # replaces buffers the graph read
+    model.write_memory(out.candidates)  # overwrites, in place, the buffers the graph read
     (out.loss + 0.1 * out.aux_loss).backward()
     assert model.memory.threshold_raw.grad is not None
+
+
+def test_writes_and_reset_keep_the_buffers_storage() -> None:
+    """Graph-safe for CUDA graphs: a captured forward pass reads the buffers at fixed addresses,
+    so writes and resets must change their contents, never replace them."""
+    model = build(TINY).train()
+    memory = model.memory
+    assert memory is not None
+    names = ("keys", "values", "phi", "usage", "age", "valid")
+    before = {n: getattr(memory, n).data_ptr() for n in names}
+    populate(model)
+    out = model(tokens(), tokens())
+    model.write_memory(out.candidates)
+    assert bool(memory.valid.any())
+    assert {n: getattr(memory, n).data_ptr() for n in names} == before
+    model.reset_memory()
+    assert not bool(memory.valid.any()) and float(memory.keys.abs().sum()) == 0.0
+    assert {n: getattr(memory, n).data_ptr() for n in names} == before
 
 
 def test_memory_state_is_saved_with_the_weights() -> None:

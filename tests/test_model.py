@@ -40,7 +40,7 @@ IIT_KEYS = {
 def test_output_shapes_and_stats(iit: bool) -> None:
     model = build(replace(TINY, iit=iit))
     idx = tokens()
-    out = model(idx, idx)
+    out = model(idx, idx, return_logits=True)
     assert isinstance(out, ModelOutput)
     assert out[0] is out.logits and out.logits.shape == (2, 32, 61)
     assert out.loss is not None and out.loss.dim() == 0
@@ -54,6 +54,9 @@ def test_output_shapes_and_stats(iit: bool) -> None:
         assert out.candidates is None
         assert out.aux_loss.item() == 0.0
     assert model(idx).loss is None
+    # Training with targets: the loss without the (B, T, V) logits, unless they are asked for.
+    assert model.training and model(idx, idx).logits is None
+    assert model.eval()(idx, idx).logits is not None  # evaluation scores positions from them
 
 
 def test_loss_at_initialisation_is_near_log_vocab() -> None:

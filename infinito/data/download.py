@@ -19,7 +19,15 @@
   ``data.split_fractions`` of its bytes (train first, test last).
 
 Every output line ends with ``\\n`` (``\\r\\n`` becomes ``\\n``); text is UTF-8. The manifest
-records the source and, per split, the SHA-256, line count and byte count of the written file.
+records the source; per split, the SHA-256, line count and byte count of the written file; for
+local sources, the name, SHA-256 and size of each input file as read (``inputs``: per split
+for a directory, ``corpus`` for a single file; null for the other sources); and
+``dataset``: the name of a known published corpus whose checksums the written splits match
+(``KNOWN_DATASETS``; WikiText-2 v1 as PyTorch's examples and the WikiText archive ship it), or
+null. WikiText from the Hub is written as WikiText's own files are: the Hub's loader turns every
+blank line (a single space in the files) into an empty row, and the stage writes it back as a
+single space, so ``wikitext-2-v1`` from the Hub and a local copy of its files give the same
+bytes and the same ``dataset``. docs/wikitext-2.md says how to use a local copy.
 """
 
 from __future__ import annotations
@@ -46,12 +54,27 @@ LOCAL_SPLIT_FILES = {
     "validation": ("valid.txt", "validation.txt", "wiki.valid.tokens", "wiki.valid.raw"),
     "test": ("test.txt", "wiki.test.tokens", "wiki.test.raw"),
 }
+# Published corpora recognised by the SHA-256 of their split files (as written to data/raw).
+# WikiText-2 v1: wiki.{train,valid,test}.tokens of Merity et al.'s archive, byte for byte the
+# train/valid/test.txt of PyTorch's examples/word_language_model/data/wikitext-2.
+KNOWN_DATASETS: dict[str, dict[str, str]] = {
+    "wikitext-2-v1": {
+        "train": "9e9fa1ad55b1c2c95b08e37dd8e653f638fac2c6de904b79e813611eefbc985f",
+        "validation": "f0737ed31fc1329026e95cb8b98e19c2a182c39c240ab909dc31abf2f8af58e8",
+        "test": "d790b833ef8cf03a90db7bf1271b7520b83c45ce07ba3c1a9699df81e239eca0",
+    },
+}
+WIKITEXT_BLANK_LINE = " "  # how WikiText's files write a blank line; the Hub's rows have ""
 OFFLINE_HINT = (
     "Offline sources: data.source=builtin (Python's reference documentation, always present), or "
     "data.source=<path> naming a directory with train.txt, valid.txt (or validation.txt) and "
     "test.txt (WikiText's wiki.{train,valid,test}.{tokens,raw} also work) or a single text file "
     "split by data.split_fractions; e.g. dvc exp run -S data.source=builtin"
 )
+
+
+Inputs = dict[str, dict[str, Any]] | None  # input file name, SHA-256 and bytes, per split
+Writer = Callable[[dict[str, "_SplitWriter"]], tuple[str, Inputs]]
 
 
 class _SplitWriter:
@@ -100,6 +123,14 @@ def resolve_source(cfg: DataConfig) -> tuple[str, Path | None]:
     )
 
 
+def identify(splits: dict[str, dict[str, Any]]) -> str | None:
+    """The name of the known dataset whose every split has the written SHA-256, or None."""
+    for name, sums in KNOWN_DATASETS.items():
+        if all(splits.get(split, {}).get("sha256") == sha for split, sha in sums.items()):
+            return name
+    return None
+
+
 def download(cfg: DataConfig, out: Path) -> dict[str, Any]:
     """Write the splits of ``cfg.source`` and ``manifest.json`` into ``out``; return the manifest.
 
@@ -111,31 +142,34 @@ def download(cfg: DataConfig, out: Path) -> dict[str, Any]:
             split: _SplitWriter(stack.enter_context((tmp / f"{split}.txt").open("wb")))
             for split in SPLITS
         }
-        origin = write(writers)
+        origin, inputs = write(writers)
         for split, w in writers.items():
             if not w.has_text:
                 raise DataError(
                     f"data.source={cfg.source!r} gives an empty {split} split ({origin}); every "
                     f"split needs text: use a larger corpus or adjust data.split_fractions"
                 )
+        splits = {split: w.stats() for split, w in writers.items()}
         manifest = {
             "source": cfg.source,
             "origin": origin,
-            "splits": {split: w.stats() for split, w in writers.items()},
+            "dataset": identify(splits),
+            "inputs": inputs,
+            "splits": splits,
         }
         stack.close()  # the split files are complete before the directory is moved into place
         write_json(tmp / "manifest.json", manifest)
     return manifest
 
 
-def _prepare(cfg: DataConfig) -> Callable[[dict[str, _SplitWriter]], str]:
+def _prepare(cfg: DataConfig) -> Writer:
     """Check ``data.source`` and open the corpus; return a function that writes the splits."""
     kind, path = resolve_source(cfg)
     if kind == "builtin":
-        return lambda writers: _write_builtin(writers, cfg.split_fractions)
+        return lambda writers: (_write_builtin(writers, cfg.split_fractions), None)
     if kind == "wikitext":
         dataset = _load_wikitext(cfg.source)
-        return lambda writers: _write_wikitext(writers, dataset, cfg.source)
+        return lambda writers: (_write_wikitext(writers, dataset, cfg.source), None)
     assert path is not None
     if kind == "dir":
         files = _local_split_files(path)
@@ -255,9 +289,14 @@ def _write_wikitext(writers: dict[str, _SplitWriter], dataset: Any, config: str)
     for split in SPLITS:
         if split not in dataset:
             raise DataError(f"{HUB_DATASET} {config} has no {split} split (has {list(dataset)})")
-        # Rows are lines: non-empty ones carry their own trailing newline, blank ones are "".
+        # Rows are the lines of WikiText's files: non-empty ones carry their own trailing
+        # newline; blank ones (a single space in the files) were emptied by the Hub's loader
+        # and are written back as the files have them.
         for batch in dataset[split].iter(batch_size=10_000):
-            writers[split].write_lines(row.removesuffix("\n") for row in batch["text"])
+            writers[split].write_lines(
+                row.removesuffix("\n") if row.strip() else WIKITEXT_BLANK_LINE
+                for row in batch["text"]
+            )
     return f"Hugging Face datasets {HUB_DATASET}, config {config}"
 
 
@@ -283,10 +322,15 @@ def _local_split_files(root: Path) -> dict[str, Path]:
     return files
 
 
-def _read_lines(path: Path) -> Iterator[tuple[int, str]]:
-    """Yield (byte length, line without its line ending) for each line of a UTF-8 file."""
+def _read_lines(path: Path, sha: Any = None) -> Iterator[tuple[int, str]]:
+    """Yield (byte length, line without its line ending) for each line of a UTF-8 file.
+
+    ``sha``, a ``hashlib`` object, is updated with every byte read.
+    """
     with path.open("rb") as f:
         for number, raw in enumerate(f, start=1):
+            if sha is not None:
+                sha.update(raw)
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -300,26 +344,37 @@ def _read_lines(path: Path) -> Iterator[tuple[int, str]]:
             yield len(raw), line.removesuffix("\r")
 
 
-def _write_local_dir(writers: dict[str, _SplitWriter], files: dict[str, Path]) -> str:
+def _input_stats(path: Path, sha: Any) -> dict[str, Any]:
+    return {"file": path.name, "sha256": sha.hexdigest(), "bytes": path.stat().st_size}
+
+
+def _write_local_dir(
+    writers: dict[str, _SplitWriter], files: dict[str, Path]
+) -> tuple[str, Inputs]:
+    inputs: dict[str, dict[str, Any]] = {}
     for split, path in files.items():
-        writers[split].write_lines(line for _, line in _read_lines(path))
+        sha = hashlib.sha256()
+        writers[split].write_lines(line for _, line in _read_lines(path, sha))
+        inputs[split] = _input_stats(path, sha)
     names = ", ".join(f"{split}={path.name}" for split, path in files.items())
-    return f"local directory {files['train'].parent} ({names})"
+    return f"local directory {files['train'].parent} ({names})", inputs
 
 
 def _write_local_file(
     writers: dict[str, _SplitWriter], path: Path, fractions: tuple[float, ...]
-) -> str:
+) -> tuple[str, Inputs]:
     total = path.stat().st_size
     bounds = [sum(fractions[: i + 1]) * total for i in range(len(SPLITS))]
     index, offset = 0, 0
-    for size, line in _read_lines(path):
+    sha = hashlib.sha256()
+    for size, line in _read_lines(path, sha):
         # A line belongs to the block in which it starts: contiguous blocks at line boundaries.
         while index < len(SPLITS) - 1 and offset >= bounds[index]:
             index += 1
         writers[SPLITS[index]].write_lines([line])
         offset += size
-    return f"local file {path}, cut into contiguous blocks by data.split_fractions"
+    origin = f"local file {path}, cut into contiguous blocks by data.split_fractions"
+    return origin, {"corpus": _input_stats(path, sha)}
 
 
 # --- entry point ------------------------------------------------------------------------------
@@ -339,6 +394,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"download: error: {e}", file=sys.stderr)
         return 1
     print(f"download: {manifest['origin']}")
+    if manifest["dataset"]:
+        print(f"  dataset: {manifest['dataset']} (every split's SHA-256 matches)")
     for split, s in manifest["splits"].items():
         print(
             f"  {split:<10} {s['lines']:>9} lines {s['bytes']:>11} bytes -> {args.out}/{split}.txt"
