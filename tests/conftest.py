@@ -159,6 +159,16 @@ def wikitext_valid() -> Path:
     return WIKITEXT_VALID
 
 
+@pytest.fixture(scope="session")
+def wikitext_2() -> Path:
+    """The WikiText-2 v1 folder in ../shared (train.txt, valid.txt, test.txt); skipped, saying
+    why, when it is absent."""
+    folder = WIKITEXT_VALID.parent
+    if not all((folder / name).is_file() for name in ("train.txt", "valid.txt", "test.txt")):
+        pytest.skip(f"WikiText-2 not found at {folder} (../shared beside the checkout)")
+    return folder
+
+
 def markov_tokens(n: int, vocab_size: int, seed: int) -> np.ndarray:
     """A learnable token stream: every token is followed by one of three fixed successors."""
     successors = np.random.default_rng(0).integers(0, vocab_size, size=(vocab_size, 3))

@@ -103,6 +103,14 @@ def test_local_directory(tmp_path: Path, names: tuple[str, str, str]) -> None:
     out = tmp_path / "raw"
     manifest = dl.download(DataConfig(source=str(src)), out)
     _check_manifest(out, manifest, str(src))
+    assert manifest["dataset"] is None
+    for name, split in zip(names, SPLITS, strict=True):  # the files as read, BOM and CRLF too
+        data = texts[split].encode("utf-8")
+        assert manifest["inputs"][split] == {
+            "file": name,
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "bytes": len(data),
+        }
     assert _lines(out / "train.txt") == [" = Title = ", "", " First line .", "Second line"]
     assert _lines(out / "validation.txt") == ["valid one", "", "valid two"]
     assert _lines(out / "test.txt") == ["test \u00e9t\u00e9"]
@@ -131,6 +139,14 @@ def test_single_file_is_cut_into_contiguous_blocks(tmp_path: Path) -> None:
     _check_manifest(out, manifest, str(src))
     parts = [_lines(out / f"{split}.txt") for split in SPLITS]
     assert parts[0] + parts[1] + parts[2] == lines  # order kept, nothing lost or repeated
+    data = src.read_bytes()
+    assert manifest["inputs"] == {
+        "corpus": {
+            "file": "corpus.txt",
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "bytes": len(data),
+        }
+    }
     total = src.stat().st_size
     for split, frac in zip(SPLITS, (0.8, 0.1, 0.1), strict=True):
         assert abs(manifest["splits"][split]["bytes"] / total - frac) < 0.02
@@ -196,8 +212,65 @@ def test_wikitext_rows_become_lines(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     manifest = dl.download(DataConfig(source="wikitext-103-raw-v1"), out)
     assert calls == [("Salesforce/wikitext", "wikitext-103-raw-v1")]
     _check_manifest(out, manifest, "wikitext-103-raw-v1")
-    for split in SPLITS:
-        assert _lines(out / f"{split}.txt") == [r.removesuffix("\n") for r in rows[split]]
+    for split in SPLITS:  # blank rows become WikiText's blank line, a single space
+        assert _lines(out / f"{split}.txt") == [r.removesuffix("\n") or " " for r in rows[split]]
+    assert manifest["inputs"] is None and manifest["dataset"] is None
+
+
+def _hub_rows(path: Path) -> list[str]:
+    """The rows Salesforce/wikitext serves for one of WikiText's files: its loader reads the file
+    as text (universal newlines) and yields each line with its newline, or "" when the line is
+    only whitespace."""
+    with path.open(encoding="utf-8") as f:
+        return [row if row.strip() else "" for row in f]
+
+
+def test_wikitext_2_from_the_hub_equals_the_local_folder(
+    wikitext_2: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """data.source=wikitext-2-v1 (the Hub, faked offline from the shared files) and
+    data.source=<the folder> write the same text, line by line, and both are recognised."""
+    import datasets
+
+    files = {"train": "train.txt", "validation": "valid.txt", "test": "test.txt"}
+    rows = {split: _hub_rows(wikitext_2 / name) for split, name in files.items()}
+    assert [len(r) for r in rows.values()] == [36718, 3760, 4358]  # one row per line
+    assert rows["train"][:2] == ["", " = Valkyria Chronicles III = \n"]
+
+    def fake_load(path: str, name: str) -> datasets.DatasetDict:
+        assert (path, name) == ("Salesforce/wikitext", "wikitext-2-v1")
+        return datasets.DatasetDict(
+            {s: datasets.Dataset.from_dict({"text": r}) for s, r in rows.items()}
+        )
+
+    monkeypatch.setattr(dl, "_hub_reachable", lambda endpoint, timeout=5.0: True)
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    hub = dl.download(DataConfig(source="wikitext-2-v1"), tmp_path / "hub")
+    local = dl.download(DataConfig(source=str(wikitext_2)), tmp_path / "local")
+    _check_manifest(tmp_path / "hub", hub, "wikitext-2-v1")
+    _check_manifest(tmp_path / "local", local, str(wikitext_2))
+    for split, name in files.items():
+        from_hub = _lines(tmp_path / "hub" / f"{split}.txt")
+        from_folder = _lines(tmp_path / "local" / f"{split}.txt")
+        assert len(from_hub) == len(from_folder) == len(rows[split])
+        for number, (a, b) in enumerate(zip(from_hub, from_folder, strict=True), start=1):
+            assert a == b, f"{split} line {number}: hub {a!r} != folder {b!r}"
+        written = (tmp_path / "local" / f"{split}.txt").read_bytes()
+        assert written == (wikitext_2 / name).read_bytes()  # the published files, byte for byte
+    assert hub["splits"] == local["splits"]
+    assert hub["dataset"] == local["dataset"] == "wikitext-2-v1"
+    known = dl.KNOWN_DATASETS["wikitext-2-v1"]
+    assert {s: i["sha256"] for s, i in local["inputs"].items()} == known
+    assert {s: i["file"] for s, i in local["inputs"].items()} == files
+
+
+def test_identify_needs_every_split_to_match() -> None:
+    known = dl.KNOWN_DATASETS["wikitext-2-v1"]
+    splits = {split: {"sha256": sha, "lines": 1, "bytes": 1} for split, sha in known.items()}
+    assert dl.identify(splits) == "wikitext-2-v1"
+    splits["test"] = {"sha256": hashlib.sha256(b"other\n").hexdigest(), "lines": 1, "bytes": 6}
+    assert dl.identify(splits) is None
 
 
 @pytest.mark.parametrize(
