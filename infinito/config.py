@@ -272,7 +272,14 @@ class TrainConfig(Section):
     min_delta: float = 0.001
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    compile: bool | Literal["auto"] = "auto"
+    # auto: default mode on CUDA (falls back to eager if it fails); true: default mode anywhere;
+    # a torch.compile mode: that mode anywhere (no fallback); false: eager
+    compile: (
+        bool
+        | Literal[
+            "auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"
+        ]
+    ) = "auto"
     max_steps: int | None = None
     log_every: int = 50
     nproc_per_node: int = 1

@@ -95,20 +95,28 @@ def _blocks(
         end = start + rows
         hb, tb, vb = h[start:end], safe[start:end], valid[start:end]
         raw = F.linear(hb, weight)  # (R, V) in the autocast dtype, if any
-        logits = raw.to(acc)
-        lse = logits.logsumexp(-1)  # (R,)
-        picked = logits.gather(1, tb[:, None]).squeeze(1)  # (R,)
-        loss = loss + torch.where(vb, lse - picked, torch.zeros_like(lse)).sum()
+        logits = raw.to(acc)  # the same tensor when already in acc: worked on in place below
+        top = logits.amax(-1, keepdim=True)  # (R, 1)
+        picked = logits.gather(1, tb[:, None])  # (R, 1)
+        e = logits.sub_(top).exp_()  # exp(logits - max), in place: no second (R, V) tensor
+        total = e.sum(-1, keepdim=True)  # (R, 1)
+        nll = (total.log() + top - picked).squeeze(1)  # log-sum-exp minus the target's logit
+        loss = loss + torch.where(vb, nll, torch.zeros_like(nll)).sum()
         if grad_h is None and grad_w is None:
+            del raw, logits, e
             continue
-        g = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits (R, V)
-        g.scatter_add_(1, tb[:, None], torch.full_like(lse[:, None], -1.0))  # minus the one-hot
-        g.mul_((vb.to(acc) / count)[:, None])  # ignored rows have no gradient
+        # dL/dlogits = (softmax - onehot) * scale, scale = 1/count on counted rows, else 0
+        scale = (vb.to(acc) / count)[:, None]  # (R, 1)
+        g = e.mul_(scale / total)
+        g.scatter_add_(1, tb[:, None], -scale)
         g = g.to(raw.dtype)
         if grad_h is not None:
             grad_h[start:end] = (g @ weight.to(raw.dtype)).to(h.dtype)  # (R, D)
-        if grad_w is not None:
-            grad_w += (g.t() @ hb.to(raw.dtype)).to(acc)  # (V, D)
+        if grad_w is not None and g.dtype == acc:
+            grad_w.addmm_(g.t(), hb.to(acc))  # (V, D), accumulated in place
+        elif grad_w is not None:  # autocast: the product in its dtype, summed in acc
+            grad_w += (g.t() @ hb.to(raw.dtype)).to(acc)
+        del raw, logits, e, g  # before the next block's logits exist: one block at a time
     return loss / count, grad_h, grad_w
 
 

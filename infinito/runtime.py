@@ -56,6 +56,20 @@ def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCon
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def compile_mode(setting: bool | str, device: torch.device) -> str | None:
+    """``train.compile`` as a ``torch.compile`` mode, or None for eager.
+
+    ``auto`` compiles in the default mode on CUDA only; ``true`` is the default mode anywhere; a
+    mode name is that mode anywhere (reduce-overhead and max-autotune capture CUDA graphs, which
+    apply on CUDA only; on CPU they compile as the default mode does).
+    """
+    if setting is False:
+        return None
+    if setting == "auto":
+        return "default" if device.type == "cuda" else None
+    return "default" if setting is True else str(setting)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)

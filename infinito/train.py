@@ -64,7 +64,7 @@ from infinito.runstate import (
     snapshot,
     stop_on_signals,
 )
-from infinito.runtime import autocast, resolve_dtype, seed_everything
+from infinito.runtime import autocast, compile_mode, resolve_dtype, seed_everything
 from infinito.trainlog import (
     Progress,
     export,
@@ -220,9 +220,9 @@ def train(
 
             ddp = distributed.wrap_model(model, probe, dist)
         plain: Any = model if ddp is None else ddp
-        want_compile = tc.compile is True or (tc.compile == "auto" and device.type == "cuda")
-        forward: Any = torch.compile(plain) if want_compile else plain
-        compiled = want_compile
+        mode = compile_mode(tc.compile, device)
+        forward: Any = plain if mode is None else torch.compile(plain, mode=mode)
+        compiled = mode is not None
         saver = AsyncSaver()
         progress = Progress(
             params.epochs,

@@ -171,6 +171,21 @@ def test_sections_validate_on_construction() -> None:
     with pytest.raises(ConfigError, match=r"unknown key data\.sorce"):
         DataConfig.from_dict({"sorce": "builtin"})
     assert TrainConfig.from_dict({"compile": False}).compile is False
+    for mode in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
+        assert TrainConfig.from_dict({"compile": mode}).compile == mode
+
+
+def test_compile_setting_to_torch_compile_mode() -> None:
+    from torch import device
+
+    from infinito.runtime import compile_mode
+
+    cpu, cuda = device("cpu"), device("cuda")
+    assert [compile_mode("auto", d) for d in (cpu, cuda)] == [None, "default"]
+    assert [compile_mode(True, d) for d in (cpu, cuda)] == ["default", "default"]
+    assert [compile_mode(False, d) for d in (cpu, cuda)] == [None, None]
+    assert compile_mode("reduce-overhead", cpu) == compile_mode("reduce-overhead", cuda)
+    assert compile_mode("max-autotune", cuda) == "max-autotune"
 
 
 def test_exponent_floats_load_as_dvc_writes_them(tmp_path: Path) -> None:

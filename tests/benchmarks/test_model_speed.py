@@ -4,7 +4,12 @@
   ablation (target: at most 1.10x the ablation's time);
 - forward + backward tokens/s of INFINITO (IIT and ablation) against Hugging Face's
   ``GPT2LMHeadModel`` built with the same dimensions (untied head, SDPA attention; target: at
-  least Hugging Face's throughput).
+  least Hugging Face's throughput);
+- a whole training step (forward, backward, AdamW step; INFINITO's memory write) at the seed's
+  batch, 16 x 256 tokens, INFINITO against the same ``GPT2LMHeadModel`` (target: at least its
+  tokens/s). INFINITO's training loss never forms the (B, T, V) logits
+  (``infinito/losses.py``); Hugging Face's does. Peak memory of the same step:
+  ``test_train_memory.py``.
 
 The models under comparison run interleaved, round by round, so load on a shared machine hits
 them alike; the medians and their ratios land in the benchmark's ``extra_info`` (see
@@ -28,6 +33,7 @@ from infinito.model import Infinito
 SEED_CFG = ModelConfig()  # vocab 50257, d_model 512, 6 layers, 8 heads, block 256, dropout 0.1
 BATCH, SEQ = 2, 256
 ROUNDS = 5
+TRAIN_BATCH, TRAIN_ROUNDS = 16, 3  # the seed's batch; a step takes tens of seconds on two cores
 
 
 def _build(iit: bool) -> Infinito:
@@ -146,3 +152,51 @@ def test_forward_backward_throughput_vs_hf_gpt2(benchmark: Any) -> None:
     }
     benchmark.extra_info.update({f"{k}_tokens_per_s": v for k, v in tokens_per_s.items()} | ratios)
     print(f"\nforward+backward tokens/s {BATCH}x{SEQ}: {tokens_per_s}; {ratios} (target >= 1)")
+
+
+def test_training_step_throughput_vs_hf_gpt2(benchmark: Any) -> None:
+    xy = torch.randint(0, SEED_CFG.vocab_size, (TRAIN_BATCH, SEQ + 1))
+    losses: dict[str, float] = {}
+
+    def ours(model: Infinito, name: str) -> Callable[[], None]:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+
+        def step() -> None:
+            out = model(xy[:, :-1], xy[:, 1:])
+            assert out.loss is not None and out.logits is None  # no (B, T, V) logits
+            (out.loss + 0.1 * out.aux_loss).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            model.write_memory(out.candidates)
+            losses[name] = out.loss.item()
+
+        return step
+
+    hf = _hf_gpt2()
+    hf_opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, weight_decay=0.1)
+
+    def reference() -> None:
+        loss = hf(input_ids=xy[:, :-1], labels=xy[:, :-1]).loss  # shifts the labels itself
+        loss.backward()
+        hf_opt.step()
+        hf_opt.zero_grad(set_to_none=True)
+        losses["hf_gpt2"] = loss.item()
+
+    medians = _interleaved(
+        benchmark,
+        {
+            "hf_gpt2": reference,
+            "ablation": ours(_build(False), "ablation"),
+            "iit": ours(_build(True), "iit"),
+        },
+        rounds=TRAIN_ROUNDS,
+    )
+    tokens_per_s = {name: TRAIN_BATCH * SEQ / t for name, t in medians.items()}
+    ratios = {
+        f"{name}_over_hf{suffix}": tokens_per_s[name + suffix] / tokens_per_s["hf_gpt2" + suffix]
+        for name in ("ablation", "iit")
+        for suffix in ("", "_min")
+    }
+    benchmark.extra_info.update({f"{k}_tokens_per_s": v for k, v in tokens_per_s.items()} | ratios)
+    print(f"\ntraining step {TRAIN_BATCH}x{SEQ} tokens/s: {tokens_per_s}; {ratios} (target >= 1)")
+    assert all(9.0 < v < 12.0 for v in losses.values()), losses  # near ln(50257) = 10.8
