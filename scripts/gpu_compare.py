@@ -12,9 +12,12 @@ nor the tokenizer, so it runs on a bare GPU machine::
     PYTHONPATH=. python scripts/gpu_compare.py --params P.yaml --data DIR --out OUT.json \\
         --plot OUT.png --seeds 1 2 3 --budget-sec 400
 
-Runs go in seed order, IIT first. ``--budget-sec`` starts no run that the remaining time cannot
-fit (by the longest run so far, or ``--run-estimate-sec`` before the first) and stops a run
-still going at the deadline, so the JSON and the plot are written in time. Each run trains into
+Runs go in seed order, IIT first; ``--parallel 2`` runs the two arms of a seed at the same time
+on the one GPU (more seeds in a short lease; each run's ``tokens_per_sec`` and
+``wall_time_sec`` are then those of a shared GPU, and its entry says ``concurrent_runs: 2``).
+``--budget-sec`` starts no batch of runs that the remaining time cannot fit (by the longest
+batch so far, or ``--run-estimate-sec`` before the first) and stops runs still going at the
+deadline, so the JSON and the plot are written in time. Each run trains into
 its own directory under ``--work``; a run whose metrics exist is skipped, so an interrupted
 comparison resumes.
 """
@@ -30,6 +33,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -287,7 +291,8 @@ def plot(histories: dict[str, Path], out: Path) -> None:
 
 
 def compare(args: argparse.Namespace) -> dict[str, Any]:
-    """Every (seed, arm) the budget allows, in seed order; the report, written after each run."""
+    """Every (seed, arm) the budget allows, in seed order, ``args.parallel`` runs at a time
+    (sharing the GPU); the report, written after each batch of runs."""
     start = time.monotonic()
     deadline = start + args.budget_sec
     report: dict[str, Any] = {"runs": [], "skipped": [], "summary": {}}
@@ -295,30 +300,37 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
         with args.manifest.open() as f:
             report["data_manifest"] = json.load(f)
     sets = parse_sets(args.set)
-    report["overrides"] = sets
+    report["overrides"], report["concurrent_runs"] = sets, args.parallel
+    jobs = [(seed, iit) for seed in args.seeds for iit in (True, False)]
+    batches = [jobs[i : i + args.parallel] for i in range(0, len(jobs), args.parallel)]
+    # sharing the GPU, a batch of runs takes longer than one run alone: a guess until measured
     walls: list[float] = []
-    for seed in args.seeds:
-        for iit in (True, False):
-            remaining = deadline - time.monotonic()
-            need = max(walls, default=args.run_estimate_sec)
-            label = f"{'iit' if iit else 'ablation'}-seed{seed}"
-            if remaining < need:
-                report["skipped"].append(
-                    f"{label}: {remaining:.0f} s of the budget left, a run takes about {need:.0f} s"
-                )
-                continue
-            t0 = time.monotonic()
-            try:
-                report["runs"].append(
-                    one(args.params, args.data, args.work, iit, seed, deadline, sets)
-                )
-            except RunTimeout as e:
-                report["skipped"].append(f"{label}: {e}")
-                break
-            walls.append(time.monotonic() - t0)
-            report["summary"] = summarise(report["runs"])
-            report["total_sec"] = time.monotonic() - start
-            write_json(args.out, report)
+    first_guess = args.run_estimate_sec * (1 + 0.3 * (args.parallel - 1))
+    for n, batch in enumerate(batches):
+        labels = [f"{'iit' if iit else 'ablation'}-seed{seed}" for seed, iit in batch]
+        remaining, need = deadline - time.monotonic(), max(walls, default=first_guess)
+        if remaining < need:
+            report["skipped"] += [
+                f"{label}: {remaining:.0f} s of the budget left, a run takes about {need:.0f} s"
+                for batch in batches[n:]
+                for label in (f"{'iit' if i else 'ablation'}-seed{s}" for s, i in batch)
+            ]
+            break
+        t0 = time.monotonic()
+        with ThreadPoolExecutor(max_workers=len(batch)) as pool:
+            futures = [
+                pool.submit(one, args.params, args.data, args.work, iit, seed, deadline, sets)
+                for seed, iit in batch
+            ]
+            for label, future in zip(labels, futures, strict=True):
+                try:
+                    report["runs"].append(future.result() | {"concurrent_runs": len(batch)})
+                except RunTimeout as e:
+                    report["skipped"].append(f"{label}: {e}")
+        walls.append(time.monotonic() - t0)
+        report["summary"] = summarise(report["runs"])
+        report["total_sec"] = time.monotonic() - start
+        write_json(args.out, report)
     report["summary"] = summarise(report["runs"])
     report["total_sec"] = time.monotonic() - start
     write_json(args.out, report)
@@ -351,6 +363,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--budget-sec", type=float, default=1e9, help="wall-clock budget")
     p.add_argument(
+        "--parallel",
+        type=int,
+        default=1,
+        help="runs at a time on the one GPU (each run's tokens/s is then a shared GPU's)",
+    )
+    p.add_argument(
         "--run-estimate-sec",
         type=float,
         default=0.0,
@@ -368,6 +386,8 @@ def main(argv: list[str] | None = None) -> int:
         parse_sets(args.set)
     except ValueError as e:
         p.error(str(e))
+    if args.parallel < 1:
+        p.error(f"--parallel {args.parallel} must be at least 1")
     report = compare(args)
     print(json.dumps(report["summary"], indent=2))
     for line in report["skipped"]:

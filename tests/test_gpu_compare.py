@@ -71,7 +71,7 @@ def test_both_arms_through_the_stages(tokenized_data: Callable[..., Path], tmp_p
     manifest.write_text(json.dumps({"dataset": "wikitext-2-v1"}))
     out, png, work = tmp_path / "seed.json", tmp_path / "seed.png", tmp_path / "runs"
     args = ["--params", str(params), "--data", str(data), "--work", str(work), "--out", str(out)]
-    args += ["--plot", str(png), "--manifest", str(manifest), "--seeds", "1"]
+    args += ["--plot", str(png), "--manifest", str(manifest), "--seeds", "1", "--parallel", "2"]
     args += ["--set", "train.max_steps=40", "evaluate.sliding_stride=16"]
     proc = _compare(args)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -85,6 +85,7 @@ def test_both_arms_through_the_stages(tokenized_data: Callable[..., Path], tmp_p
     iit, ablation = runs["iit-seed1"], runs["ablation-seed1"]
     assert {k: iit[k] for k in train} == train and {k: iit[k] for k in ev} == ev  # same keys
     assert (iit["arm"], iit["seed"], iit["device"]) == ("iit", 1, "cpu")
+    assert iit["concurrent_runs"] == ablation["concurrent_runs"] == report["concurrent_runs"] == 2
     assert iit["torch"] and iit["run_wall_sec"] > 0
     for key in ("validation_ppl", "validation_sliding_ppl", "test_ppl", "test_sliding_ppl"):
         assert iit[key] > 1 and ablation[key] > 1
