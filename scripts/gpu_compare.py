@@ -316,6 +316,7 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
                 for label in (f"{'iit' if i else 'ablation'}-seed{s}" for s, i in batch)
             ]
             break
+        trains = any(not (args.work / label / "eval.json").exists() for label in labels)
         t0 = time.monotonic()
         with ThreadPoolExecutor(max_workers=len(batch)) as pool:
             futures = [
@@ -327,7 +328,8 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
                     report["runs"].append(future.result() | {"concurrent_runs": len(batch)})
                 except RunTimeout as e:
                     report["skipped"].append(f"{label}: {e}")
-        walls.append(time.monotonic() - t0)
+        if trains:  # runs found complete (resumed) take no time and say nothing of a run's
+            walls.append(time.monotonic() - t0)
         report["summary"] = summarise(report["runs"])
         report["total_sec"] = time.monotonic() - start
         write_json(args.out, report)

@@ -26,9 +26,10 @@ On the GPU machine (docs/speed.md gives the exact ``run`` command and its ``carr
 4. prints both tables. ``$OUT/session.json`` records the phases and their times.
 
 The runs' directories are ``.device/runs`` (ignored by git): a second call on the same warm
-machine resumes the comparison where the first stopped. ``--tiny`` is the same session at toy
-size on CPU, on the first lines of each real WikiText-2 split (``prepare --tiny`` makes them):
-an end-to-end check of the script, never a result (docs/results/ holds GPU results only).
+machine with ``--skip-speed`` resumes the comparison where the first stopped. ``--tiny`` is
+the same session at toy size on CPU, on the first lines of each real WikiText-2 split
+(``prepare --tiny`` makes them): an end-to-end check of the script, never a result
+(docs/results/ holds GPU results only).
 """
 
 from __future__ import annotations
@@ -189,26 +190,27 @@ def session(args: argparse.Namespace) -> int:
     phase("preflight", t0)
 
     t0 = time.monotonic()
-    speed_budget = SPEED_SHARE * args.budget_sec
-    if not args.tiny:  # the seed runs need the rest of a lease
-        speed_budget = min(SPEED_MAX_SEC, speed_budget)
-    speed_args = ["--data", str(data / "tokenized"), "--out", str(out / "gpu-speed.json")]
-    speed_args += ["--budget-sec", f"{speed_budget:.0f}"]
-    if args.tiny:
-        speed_args += ["--smoke", "--steps", "12", "--warmup", "3", "--variants"]
-        speed_args += ["iit-full-default", "iit-chunked-default", "ablation-chunked-eager"]
-    rc = _script("gpu_check.py", speed_args, out / "gpu-check.log", start + speed_budget)
     speed: dict[str, Any] = {}
-    if (out / "gpu-speed.json").exists():
-        speed = json.loads((out / "gpu-speed.json").read_text())
-    phase("speed", t0, rc=rc)
+    if not args.skip_speed:
+        speed_budget = SPEED_SHARE * args.budget_sec
+        if not args.tiny:  # the seed runs need the rest of a lease
+            speed_budget = min(SPEED_MAX_SEC, speed_budget)
+        speed_args = ["--data", str(data / "tokenized"), "--out", str(out / "gpu-speed.json")]
+        speed_args += ["--budget-sec", f"{speed_budget:.0f}"]
+        if args.tiny:
+            speed_args += ["--smoke", "--steps", "12", "--warmup", "3", "--variants"]
+            speed_args += ["iit-full-default", "iit-chunked-default", "ablation-chunked-eager"]
+        rc = _script("gpu_check.py", speed_args, out / "gpu-check.log", start + speed_budget)
+        if (out / "gpu-speed.json").exists():
+            speed = json.loads((out / "gpu-speed.json").read_text())
+        phase("speed", t0, rc=rc)
 
     t0 = time.monotonic()
     overrides = dict(TINY_OVERRIDES) if args.tiny else {}
     if args.seed_compile:
         overrides["train.compile"] = args.seed_compile
     seeds_budget = deadline - time.monotonic() - RESERVE_SEC
-    estimate = run_estimate(speed) if not args.tiny else 0.0
+    estimate = args.run_estimate_sec or (run_estimate(speed) if not args.tiny else 0.0)
     compare_args = ["--params", str(REPO / "params.yaml"), "--data", str(data / "tokenized")]
     work = args.work or DEVICE_DIR / ("runs-tiny" if args.tiny else "runs")
     compare_args += ["--work", str(work)]
@@ -283,6 +285,17 @@ def main(argv: list[str] | None = None) -> int:
         help="seed runs at a time on the GPU (2: both arms of a seed together)",
     )
     go.add_argument("--tiny", action="store_true", help="toy size on CPU: checks the session")
+    go.add_argument(
+        "--skip-speed",
+        action="store_true",
+        help="seed runs only (a second call on a warm machine: finished runs are reused)",
+    )
+    go.add_argument(
+        "--run-estimate-sec",
+        type=float,
+        default=0.0,
+        help="one seed run's seconds (default: from the speed check, or 240 s without it)",
+    )
     args = parser.parse_args(argv)
     if args.command == "prepare":
         dest = args.dest or DEVICE_DIR / ("wikitext-2-tiny" if args.tiny else "wikitext-2")
