@@ -30,6 +30,7 @@ import torch
 
 from infinito.atomic import write_json, write_text
 from infinito.config import ConfigError, GenerateConfig, load_params
+from infinito.data.splits import check_vocab
 from infinito.runtime import autocast, resolve_device, resolve_dtype, seed_everything, synchronize
 from infinito.textmetrics import text_metrics
 
@@ -61,16 +62,6 @@ def sampling_kwargs(cfg: GenerateConfig) -> dict[str, Any]:
         "top_p": cfg.top_p if cfg.top_p < 1.0 else None,
         "repetition_penalty": cfg.repetition_penalty,
     }
-
-
-def check_vocab(model_vocab: int, tokenizer_vocab: int, model_dir: Path) -> None:
-    """The model must score every id the GPT-2 tokenizer can produce."""
-    if model_vocab < tokenizer_vocab:
-        raise ConfigError(
-            f"the checkpoint in {model_dir} has model.vocab_size={model_vocab} but the GPT-2 "
-            f"tokenizer has {tokenizer_vocab} tokens; train with model.vocab_size >= "
-            f"{tokenizer_vocab} to generate text"
-        )
 
 
 def run_generation(
@@ -211,7 +202,12 @@ def generate_samples(
     dtype = resolve_dtype(precision, dev)
     tokenizer = load_tokenizer()
     model = load_generator_model(model_dir, dev)
-    check_vocab(model.config.vocab_size, len(tokenizer), model_dir)
+    check_vocab(
+        model.config.vocab_size,
+        len(tokenizer),
+        f"the checkpoint in {model_dir}",
+        "GPT-2's tokenizer",
+    )
     seed_everything(seed)
     result = run_generation(model, tokenizer, cfg, seed, dev, dtype)
     metrics = sample_metrics(result)

@@ -49,11 +49,6 @@ from infinito.checkpoint import (
     restore_rng_state,
 )
 from infinito.config import ConfigError, Params, load_params
-from infinito.evaluate import (
-    Score,
-    preserved_state,
-    score,
-)
 from infinito.optim import LRFactor, build_optimizer, build_schedulers
 from infinito.runstate import (
     STATE_FILE,
@@ -65,6 +60,7 @@ from infinito.runstate import (
     stop_on_signals,
 )
 from infinito.runtime import autocast, resolve_dtype, seed_everything
+from infinito.scoring import Score, preserved_state, score
 from infinito.trainlog import (
     Progress,
     export,

@@ -21,9 +21,9 @@ import torch
 
 from infinito.atomic import atomic_dir, atomic_open, write_json
 from infinito.config import Params
-from infinito.evaluate import Score
 from infinito.runstate import Loop
 from infinito.runtime import is_tty
+from infinito.scoring import Score, perplexity
 
 # The train stage's log: one logger for all its lines, wherever the code lives.
 log = logging.getLogger("infinito.train")
@@ -61,11 +61,6 @@ HISTORY_COLUMNS = (
 )
 
 
-def ppl(loss: float) -> float:
-    """Perplexity of a mean loss in nats (capped so it stays a finite float)."""
-    return math.exp(min(loss, 700.0))
-
-
 def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
     """The device's dense bf16/fp16 peak in FLOP/s, or None when unknown or not mixed precision."""
     if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
@@ -83,7 +78,7 @@ def history_row(loop: Loop, lr: float, steps_per_epoch: int, val: Score) -> dict
         "step": loop.step,
         "lr": lr,
         "train_loss": train_loss,
-        "train_ppl": ppl(train_loss) if train_loss is not None else None,
+        "train_ppl": perplexity(train_loss) if train_loss is not None else None,
         "val_loss": val.loss,
         "val_ppl": val.ppl,
         **{k: v / acc.steps for k, v in acc.stats.items() if k in IIT_COLUMNS},
@@ -281,7 +276,7 @@ def final_metrics(
         "best_epoch": loop.best_epoch,
         "best_step": loop.best_step,
         "best_val_loss": loop.best_val_loss,
-        "best_val_ppl": ppl(loop.best_val_loss),
+        "best_val_ppl": perplexity(loop.best_val_loss),
         "final_val_loss": last["val_loss"],
         "final_val_ppl": last["val_ppl"],
         "final_train_loss": train_sub.loss,

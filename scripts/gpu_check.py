@@ -41,7 +41,7 @@ import torch
 
 from infinito.atomic import write_json
 from infinito.config import Params
-from infinito.evaluate import read_meta
+from infinito.data.splits import read_meta
 from infinito.model import Infinito
 from infinito.runtime import resolve_device, resolve_dtype
 from infinito.train import peak_flops, train

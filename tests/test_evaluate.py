@@ -13,16 +13,11 @@ import pytest
 import torch
 
 from infinito.config import ConfigError, ModelConfig, Params
-from infinito.evaluate import (
-    evaluate,
-    main,
-    nonoverlapping_windows,
-    preserved_state,
-    score,
-    sliding_windows,
-)
+from infinito.data.splits import nonoverlapping_windows, sliding_windows
+from infinito.evaluate import evaluate, main
 from infinito.model import Infinito
 from infinito.runtime import torch_threads
+from infinito.scoring import preserved_state, score
 
 VOCAB = 64
 TINY_MODEL = {

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from infinito.config import ConfigError, GenerateConfig, ModelConfig
+from infinito.data.splits import check_vocab
 from infinito.generate import (
     GenerationResult,
     Sample,
     build_parser,
-    check_vocab,
     config_from_args,
     generate_samples,
     main,
@@ -88,8 +88,8 @@ def test_sampling_kwargs_map_disabling_values_to_none() -> None:
 
 def test_vocab_check_names_the_key(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="model.vocab_size=100"):
-        check_vocab(100, 50257, tmp_path)
-    check_vocab(50257, 50257, tmp_path)
+        check_vocab(100, 50257, f"the checkpoint in {tmp_path}", "GPT-2's tokenizer")
+    check_vocab(50257, 50257, f"the checkpoint in {tmp_path}", "GPT-2's tokenizer")
 
 
 def _result(texts: list[str], eos: list[bool]) -> GenerationResult:

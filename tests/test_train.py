@@ -23,9 +23,10 @@ from conftest import train_cli_args, train_outputs
 from infinito import train as train_mod
 from infinito.checkpoint import load_state
 from infinito.config import ConfigError, Params, apply_overrides
-from infinito.evaluate import Score, evaluate
+from infinito.evaluate import evaluate
 from infinito.model import Infinito
 from infinito.runtime import torch_threads
+from infinito.scoring import Score
 from infinito.train import (
     LRFactor,
     NonFiniteLoss,
