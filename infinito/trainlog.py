@@ -268,7 +268,7 @@ def final_metrics(
     compiled: bool,
     world: int = 1,
 ) -> dict[str, Any]:
-    """train.json's numbers (README, Training). tokens/s counts every process's tokens, so
+    """train.json's numbers (docs/training.md). tokens/s counts every process's tokens, so
     with ``world`` processes the MFU is against ``world`` devices' peak."""
     last = loop.history[-1]
     tok_s = loop.timed_tokens / loop.timed_seconds if loop.timed_seconds > 0 else 0.0

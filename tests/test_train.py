@@ -20,7 +20,7 @@ import torch
 import yaml
 from conftest import train_cli_args, train_outputs
 
-from infinito import train as train_mod
+from infinito import trainer as trainer_mod
 from infinito.checkpoint import load_state
 from infinito.config import ConfigError, Params, apply_overrides
 from infinito.evaluate import evaluate
@@ -165,7 +165,7 @@ def signal_at_call(monkeypatch: pytest.MonkeyPatch, k: int, signum: int = signal
 
 def scripted_val_losses(monkeypatch: pytest.MonkeyPatch, losses: list[float]) -> None:
     """Replace the first validations' losses (the real passes still run)."""
-    real = train_mod.score
+    real = trainer_mod.score
     queue = list(losses)
 
     def score(*args: Any, **kwargs: Any) -> Score:
@@ -174,7 +174,7 @@ def scripted_val_losses(monkeypatch: pytest.MonkeyPatch, losses: list[float]) ->
             result.nll_sum = queue.pop(0) * result.tokens
         return result
 
-    monkeypatch.setattr(train_mod, "score", score)
+    monkeypatch.setattr(trainer_mod, "score", score)
 
 
 # ----------------------------------------------------------------------------- pieces
