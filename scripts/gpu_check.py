@@ -14,7 +14,7 @@ rewritten after each phase, so a run cut short still leaves what it measured.
        .venv/bin/python scripts/gpu_check.py --make-data gpu-data
 
 2. On the GPU machine (imports the model and the train stage's modules, torch, numpy,
-   pyyaml, safetensors, matplotlib; no DVC, Prefect or tokenizer needed)::
+   ruamel.yaml, safetensors, matplotlib; no DVC, Prefect or tokenizer needed)::
 
        PYTHONPATH=. python scripts/gpu_check.py --data gpu-data --out gpu_check.json
 

@@ -21,9 +21,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-import yaml
 
-from infinito.config import apply_overrides
+from infinito import config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Real English text kept beside the checkout (../shared), never copied into the repository.
@@ -55,13 +54,9 @@ def command_env(extra: dict[str, str | None] | None = None) -> dict[str, str]:
 
 
 def write_params(path: Path, overrides: dict[str, Any] | None = None) -> None:
-    """Write this checkout's params.yaml to ``path`` with dotted-key ``overrides`` applied."""
-    with (REPO_ROOT / "params.yaml").open() as f:
-        data = yaml.safe_load(f)
-    if overrides:
-        data = apply_overrides(data, overrides)
-    with path.open("w") as f:
-        yaml.safe_dump(data, f, sort_keys=False)
+    """Write this checkout's params.yaml to ``path`` with dotted-key ``overrides`` applied
+    (comments kept, as ``dvc exp run -S`` keeps them)."""
+    config.write_params(path, overrides, base=REPO_ROOT / "params.yaml")
 
 
 def make_dvc_repo(
