@@ -35,6 +35,7 @@ WIKITEXT_SOURCES = (
     "wikitext-103-v1",
 )
 SPLITS = ("train", "validation", "test")
+PARAMS_FILE = "params.yaml"  # DVC's default params file, at the repository root
 
 
 class ConfigError(ValueError):
@@ -234,10 +235,6 @@ class ModelConfig(Section):
             self.phi_priority_weight,
             "must be in [0, 1]",
         )
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_head
 
     @property
     def use_memory(self) -> bool:
@@ -545,7 +542,7 @@ def read_yaml(path: str | Path) -> Any:
     return parse_yaml(path.read_text(encoding="utf-8"), str(path))
 
 
-def read_params(path: str | Path = "params.yaml") -> dict[str, Any]:
+def read_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
     """The raw mapping of a params file (unvalidated: ``Params.from_dict`` checks it)."""
     path = Path(path)
     if not path.is_file():
@@ -555,9 +552,7 @@ def read_params(path: str | Path = "params.yaml") -> dict[str, Any]:
     return read_yaml(path) or {}
 
 
-def load_params(
-    path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None
-) -> Params:
+def load_params(path: str | Path = PARAMS_FILE, overrides: dict[str, Any] | None = None) -> Params:
     """Read and validate ``params.yaml``; ``overrides`` maps dotted keys to values."""
     data = read_params(path)
     if overrides:

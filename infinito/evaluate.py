@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from infinito.atomic import write_json
-from infinito.config import ConfigError, Params, load_params
+from infinito.config import PARAMS_FILE, ConfigError, Params, load_params
 from infinito.data.splits import (
     check_vocab,
     nonoverlapping_windows,
@@ -77,16 +77,13 @@ def _split_metrics(
 
 def evaluate(params: Params, model_dir: Path, data_dir: Path, metrics_path: Path) -> dict[str, Any]:
     """Score ``evaluate.splits`` under both protocols and write flat metrics to ``metrics_path``."""
-    from infinito.model import Infinito
+    from infinito.model import Infinito, checkpoint_config
 
     cfg = params.evaluate
     seq_len = params.data.seq_len
     stride = cfg.sliding_stride or max(1, seq_len // 2)
     meta = read_meta(data_dir)
-    if not (Path(model_dir) / "config.json").is_file():
-        raise ConfigError(
-            f"{model_dir} holds no checkpoint (config.json missing); run the train stage first"
-        )
+    checkpoint_config(model_dir)  # no checkpoint: fail before choosing a device
     device = resolve_device(params.train.device)
     dtype = resolve_dtype(params.train.precision, device)
     model = Infinito.from_checkpoint(model_dir, map_location="cpu").to(device)
@@ -131,7 +128,7 @@ def evaluate(params: Params, model_dir: Path, data_dir: Path, metrics_path: Path
                     }
                 )
                 if main.memory:  # the memory at the end of the pass
-                    metrics[f"{split}_memory_utilisation"] = main.memory["utilisation"]
+                    metrics[f"{split}_memory_utilisation"] = main.memory["memory_utilisation"]
                     metrics[f"{split}_stored_phi_mean"] = main.memory["stored_phi_mean"]
             log.info(
                 "%s %s: loss %.4f  ppl %.2f  (no memory: ppl %.2f)",
@@ -148,26 +145,31 @@ def evaluate(params: Params, model_dir: Path, data_dir: Path, metrics_path: Path
     return metrics
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The stage's command line. Paths have no defaults: dvc.yaml's command gives them."""
     parser = argparse.ArgumentParser(
         prog="infinito evaluate",
         description=__doc__.split("\n\n")[0],
     )
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--params", type=Path, default=Path(PARAMS_FILE))
     parser.add_argument(
         "--model",
         type=Path,
-        default=Path("models/best"),
+        required=True,
         help="checkpoint directory (model.safetensors + config.json)",
     )
     parser.add_argument(
         "--data",
         type=Path,
-        default=Path("data/tokenized"),
+        required=True,
         help="tokenized data directory ({split}.bin + meta.json)",
     )
-    parser.add_argument("--metrics", type=Path, default=Path("metrics/eval.json"))
-    args = parser.parse_args(argv)
+    parser.add_argument("--metrics", type=Path, required=True, help="eval.json to write")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
         params = load_params(args.params)

@@ -1,10 +1,10 @@
 """train stage: train INFINITO on the tokenized corpus, keep the best model and a resumable state.
 
-``python -m infinito.train --data data/tokenized --out models/best --state checkpoints
---metrics metrics/train.json --history metrics/train_history.csv --curves metrics/train_curves.png``
-reads ``epochs``, ``batch_size``, ``lr``, ``lambda_phi``, ``seed`` and the ``model``,
-``data.seq_len`` and ``train`` sections of ``params.yaml``; options such as ``--lr 1e-4`` override
-them outside DVC (``infinito train --epochs 20 --batch-size 16 --lr 2e-4 --lambda-phi 0.1``).
+``python -m infinito.train --data DIR --out DIR --state DIR --metrics JSON --history CSV
+--curves PNG`` (dvc.yaml's train command gives the paths) reads ``epochs``, ``batch_size``,
+``lr``, ``lambda_phi``, ``seed`` and the ``model``, ``data.seq_len`` and ``train`` sections of
+``params.yaml``; options such as ``--epochs 20 --batch-size 16 --lr 2e-4 --lambda-phi 0.1``
+override them outside DVC.
 docs/training.md and docs/scaling.md describe the whole stage; its parts live beside it:
 
 - ``trainer.py``: one session in parts (setup, the optimizer step, the flush of pending numbers,
@@ -41,7 +41,7 @@ from typing import Any
 
 from infinito import distributed
 from infinito.batches import TrainData, epoch_order, step_layout
-from infinito.config import ConfigError, Params, load_params
+from infinito.config import PARAMS_FILE, ConfigError, Params, load_params
 from infinito.optim import LRFactor, build_optimizer, build_schedulers
 from infinito.runstate import STATE_FILE, Loop, shared_previous_state, stop_on_signals
 from infinito.trainer import NonFiniteLoss, Trainer, TrainingInterrupted
@@ -148,32 +148,19 @@ def train(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The stage's command line; path defaults are dvc.yaml's (a test keeps them equal)."""
+    """The stage's command line. Paths have no defaults: dvc.yaml's command gives them."""
     parser = argparse.ArgumentParser(prog="infinito train", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    parser.add_argument(
-        "--data",
-        type=Path,
-        default=Path("data/tokenized"),
-        help="tokenized data directory ({split}.bin + meta.json)",
-    )
-    parser.add_argument(
-        "--out", type=Path, default=Path("models/best"), help="where the best model is written"
-    )
-    parser.add_argument(
-        "--state",
-        type=Path,
-        default=Path("checkpoints"),
-        help="resumable state directory (state.pt and best/)",
-    )
-    parser.add_argument("--metrics", type=Path, default=Path("metrics/train.json"))
-    parser.add_argument("--history", type=Path, default=Path("metrics/train_history.csv"))
-    parser.add_argument(
-        "--curves",
-        type=Path,
-        default=Path("metrics/train_curves.png"),
-        help="PNG of the training curves",
-    )
+    parser.add_argument("--params", type=Path, default=Path(PARAMS_FILE))
+    paths = parser.add_argument_group("paths (dvc.yaml's train command passes them)")
+    for flag, help_ in (
+        ("--data", "tokenized data directory ({split}.bin + meta.json)"),
+        ("--out", "where the best model is written"),
+        ("--state", "resumable state directory (state.pt and best/)"),
+        ("--metrics", "train.json: the run's flat metrics"),
+        ("--history", "CSV of one row per validation"),
+        ("--curves", "PNG of the training curves"),
+    ):
+        paths.add_argument(flag, type=Path, required=True, help=help_)
     parser.add_argument(
         "--stale-state",
         choices=("error", "discard"),

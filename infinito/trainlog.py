@@ -297,10 +297,9 @@ def final_metrics(
         m["mfu"] = tok_s * model.flops_per_token(params.data.seq_len) / (peak * world)
     if device.type == "cuda":
         m["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-    m.update({f"iit_{k}": last[k] for k in IIT_COLUMNS if last.get(k) is not None})
-    m.update({f"iit_{k}": v for k, v in model.iit_stats().items()})
-    memory = model.memory_stats()  # the memory as training left it
-    if memory:
-        m["iit_memory_utilisation"] = memory["utilisation"]
-        m["iit_stored_phi_mean"] = memory["stored_phi_mean"]
+    # iit_*: the threshold, phi weights and memory as training left them; the other IIT columns
+    # as the training means of the last history row
+    now = {**model.memory_stats(), **model.iit_stats()}
+    m.update({f"iit_{k}": last[k] for k in IIT_COLUMNS if last.get(k) is not None and k not in now})
+    m.update({f"iit_{k}": v for k, v in now.items()})
     return m

@@ -36,7 +36,14 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 
-from infinito.config import ConfigError, Params, apply_overrides, parse_yaml, read_yaml
+from infinito.config import (
+    PARAMS_FILE,
+    ConfigError,
+    Params,
+    apply_overrides,
+    parse_yaml,
+    read_yaml,
+)
 
 # The stages of dvc.yaml in the order the flow runs them.
 STAGES: tuple[str, ...] = (
@@ -48,7 +55,6 @@ STAGES: tuple[str, ...] = (
     "benchmark-inference",
 )
 REPO_ROOT = Path(__file__).resolve().parents[1]
-PARAMS_FILE = "params.yaml"
 DOWNLOAD_RETRIES = 2
 DOWNLOAD_RETRY_DELAYS_S = [30, 120]
 ARTIFACT_METRICS = "infinito-metrics"

@@ -71,6 +71,8 @@ def one(params: Path, data: Path, work: Path, iit: bool, seed: int) -> dict[str,
                 str(d / "train.json"),
                 "--history",
                 str(d / "history.csv"),
+                "--curves",
+                str(d / "curves.png"),
             ]
         )
         run(

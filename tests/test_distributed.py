@@ -218,7 +218,7 @@ def _gather_worker(rank: int, world: int, init_file: str) -> None:
             ModelConfig(vocab_size=64, d_model=dim, n_layer=2, n_head=2, memory_slots=slots)
         )
         model.write_memory(got)
-        assert model.memory_stats()["utilisation"] > 0
+        assert model.memory_stats()["memory_utilisation"] > 0
         assert distributed.replicas_differ(model, d) == []
         if rank == 1:  # a replica that differs is named
             with torch.no_grad():
