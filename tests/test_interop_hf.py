@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import command_env
 from safetensors.torch import load_file, save_file
-from tiny_model import populate
+from tiny_model import populate, randomise
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from infinito.config import ConfigError, ModelConfig, Params
@@ -53,20 +53,6 @@ TEXT = "The history of the river town begins with a stone bridge and a wool mark
 def build(cfg: ModelConfig, seed: int = 0) -> Infinito:
     torch.manual_seed(seed)
     return Infinito(cfg).eval()
-
-
-def randomise(model: torch.nn.Module, seed: int = 5) -> torch.nn.Module:
-    """Every backbone parameter random and of order one (biases and LayerNorms too), so a
-    swapped, untransposed or differently activated tensor shows in the logits: at GPT-2's
-    initialisation (std 0.02, zero biases, unit norms) tanh and erf GELU agree within 1e-4."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.startswith(("memory.", "phi_weights.")):
-                continue
-            base = 1.0 if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")) else 0.0
-            p.copy_(base + 0.3 * torch.randn(p.shape, generator=g))
-    return model
 
 
 def ids(cfg: ModelConfig, batch: int = 3, length: int = 32, seed: int = 1) -> torch.Tensor:

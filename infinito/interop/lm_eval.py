@@ -140,7 +140,7 @@ class InfinitoLM(TemplateLM):
             raise InteropError(f"max_length={max_length} must be in [1, block_size={block}]")
         self.max_gen_toks = int(max_gen_toks)
         self.tokenizer = load_tokenizer()
-        self._name = str(getattr(pretrained, "name_or_path", pretrained))
+        self._name = "an Infinito object" if isinstance(pretrained, Infinito) else str(pretrained)
 
     # ------------------------------------------------------------------ lm-eval's interface
 
