@@ -266,4 +266,5 @@ def test_lm_eval_command_writes_flat_metrics(tmp_path: Path, in_repo: None) -> N
     words = sum(len(re.split(r"\s+", d)) for d in documents())
     expected = math.exp(-sum(direct) / words)
     assert metrics[f"{DOCS_TASK}_word_perplexity"] == pytest.approx(expected, rel=1e-5)
-    assert main(["lm-eval", "--model", str(tmp_path), "--tasks", DOCS_TASK]) == 2
+    assert main(["lm-eval", "--model", str(tmp_path), "--tasks", DOCS_TASK]) == 2  # no config
+    assert main(["lm-eval", "--model", "models/no-such-run", "--tasks", DOCS_TASK]) == 2

@@ -1,10 +1,11 @@
-"""INFINITO as an lm-evaluation-harness model: ``lm_eval --model infinito`` after importing this.
+"""INFINITO as an lm-evaluation-harness model, registered as ``infinito`` on import.
 
-``InfinitoLM`` is registered under the name ``infinito``; ``infinito lm-eval`` (infinito/cli.py)
-imports it and runs ``lm_eval.simple_evaluate``. It follows lm-eval's own conventions where they
-exist (context/continuation encoding from ``TemplateLM``, the end-of-text token as the prefix of
-an empty context, ``loglikelihood_rolling``'s windows, stop sequences), so a model without
-memory scores exactly as the ``hf`` backend scores its GPT-2 export (tests/test_lm_eval.py).
+``InfinitoLM`` is lm-eval's ``model="infinito"``; ``infinito lm-eval`` (infinito/cli.py) imports
+this module and runs ``lm_eval.simple_evaluate`` (``run_harness``). It follows lm-eval's own
+conventions where they exist (context/continuation encoding from ``TemplateLM``, the
+end-of-text token as the prefix of an empty context, ``loglikelihood_rolling``'s windows, stop
+sequences), so a model without memory scores exactly as the ``hf`` backend scores its GPT-2
+export (tests/test_lm_eval.py).
 
 Windows are ``infinito.evaluate.Window``\\ s over one request's tokens (inputs ``start ..
 start + length``, the last ``scored`` targets count), so the evaluate stage's ``score`` loop
@@ -340,7 +341,14 @@ def backend_for(model: str | Path, revision: str | None = None) -> str:
     else:
         from huggingface_hub import hf_hub_download
 
-        config_path = Path(hf_hub_download(str(model), CONFIG_FILE, revision=revision))
+        try:
+            config_path = Path(hf_hub_download(str(model), CONFIG_FILE, revision=revision))
+        except Exception as e:  # offline, unknown repo, bad id: the same advice for all
+            raise InteropError(
+                f"{model} is not a local directory, and its {CONFIG_FILE} cannot be fetched "
+                f"from the Hugging Face Hub ({type(e).__name__}: {e}); give a checkpoint or "
+                "export folder, or a Hub model id with network access"
+            ) from e
     with config_path.open() as f:
         return "hf" if "model_type" in json.load(f) else "infinito"
 

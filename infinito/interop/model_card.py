@@ -163,7 +163,7 @@ def _caveats(model: Infinito, source: str | None) -> str:
         "false or offensive text.",
         "**Small data, small model.** "
         + (
-            "WikiText-2 has about two million training tokens of Wikipedia, so the model knows "
+            "WikiText-2 has about two million words of Wikipedia to train on, so the model knows "
             "little about the world and writes encyclopedic English at best."
             if source in WIKITEXT_SOURCES[:2]
             else "Its knowledge is limited to the training corpus named above."
