@@ -268,3 +268,26 @@ def test_lm_eval_command_writes_flat_metrics(tmp_path: Path, in_repo: None) -> N
     assert metrics[f"{DOCS_TASK}_word_perplexity"] == pytest.approx(expected, rel=1e-5)
     assert main(["lm-eval", "--model", str(tmp_path), "--tasks", DOCS_TASK]) == 2  # no config
     assert main(["lm-eval", "--model", "models/no-such-run", "--tasks", DOCS_TASK]) == 2
+
+
+def test_a_hub_id_goes_to_the_backend_its_config_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No Hub here: hf_hub_download serves config.json files from a local 'Hub'."""
+    import huggingface_hub
+
+    from infinito.interop.lm_eval import backend_for
+
+    hub = tmp_path / "hub"
+    checkpoint(hub, IIT, "user-infinito")
+    export_gpt2(checkpoint(tmp_path, ABLATION, "ablation")[0], hub / "gpt2", "# card\n")
+    asked: list[tuple[str, str]] = []
+
+    def hf_hub_download(repo_id: str, filename: str, **kwargs: object) -> str:
+        asked.append((repo_id, filename))
+        return str(hub / repo_id / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+    assert backend_for("gpt2") == "hf"
+    assert backend_for("user-infinito") == "infinito"
+    assert asked == [("gpt2", "config.json"), ("user-infinito", "config.json")]
