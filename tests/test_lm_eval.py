@@ -232,7 +232,7 @@ def test_iit_model_streams_memory_per_document(tmp_path: Path) -> None:
     # the evaluate stage's loop (reset, then write after each batch of one window) agrees
     expected = score(model, tokens, windows, 1, cpu, fp32)
     assert forward[docs.index(long_doc)] == pytest.approx(-expected.nll_sum, rel=1e-5)
-    assert expected.memory["utilisation"] > 0  # the memory was written ...
+    assert expected.memory["memory_utilisation"] > 0  # the memory was written ...
     no_reads = score(model, tokens, windows, 1, cpu, fp32, memory_reads=False)
     assert no_reads.nll_sum != pytest.approx(expected.nll_sum, rel=1e-6)  # ... and read
 
