@@ -333,7 +333,7 @@ class IITGuidedMemory(nn.Module):
             "candidates": torch.full((), float(N), device=phi.device),
             "writes": take.sum().float(),
             "evictions": evictions.float(),
-            "memory_utilisation": stats["utilisation"],
+            "memory_utilisation": stats["memory_utilisation"],
             "stored_phi_mean": stats["stored_phi_mean"],
             "candidate_phi_mean": phi.mean() if N else zero,
         }
@@ -349,7 +349,7 @@ class IITGuidedMemory(nn.Module):
         """``stats`` as 0-dim tensors on the memory's device (no host synchronisation)."""
         valid = self.valid.float()
         return {
-            "utilisation": valid.mean(),
+            "memory_utilisation": valid.mean(),
             "stored_phi_mean": (self.phi * valid).sum() / valid.sum().clamp_min(1.0),
             "threshold": self.threshold.detach(),
         }

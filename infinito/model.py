@@ -47,11 +47,12 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub import PyTorchModelHubMixin, snapshot_download
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from infinito.atomic import atomic_dir, write_json
-from infinito.config import ModelConfig, load_params
+from infinito.config import ConfigError, ModelConfig, load_params
 from infinito.iit import (
     COMPONENTS,
     PHI_SCALE,
@@ -67,8 +68,23 @@ from infinito.losses import IGNORE_INDEX, Impl, linear_cross_entropy
 WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ConfigError):
     """A checkpoint directory is incomplete or does not match the model its config describes."""
+
+
+def checkpoint_config(path: str | Path) -> ModelConfig:
+    """The config of the checkpoint directory ``path`` (no weights read): the one check that a
+    checkpoint is there, for every stage that reads one."""
+    path = Path(path)
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (path / name).is_file():
+            raise CheckpointError(
+                f"{path / name} not found: {path} holds no checkpoint (a directory written by "
+                f"Infinito.save holds {WEIGHTS_FILE} and {CONFIG_FILE}); train first (dvc repro "
+                "train) or pass --model pointing at one"
+            )
+    with (path / CONFIG_FILE).open() as f:
+        return ModelConfig.from_dict(json.load(f))
 
 
 @dataclass
@@ -174,8 +190,20 @@ class ModelOutput(NamedTuple):
     candidates: MemoryCandidates | None
 
 
-class Infinito(nn.Module):
-    """INFINITO V5.2. ``Infinito(ModelConfig())`` has the seed's dimensions."""
+class Infinito(
+    nn.Module,
+    PyTorchModelHubMixin,
+    library_name="infinito",
+    license="mit",
+    pipeline_tag="text-generation",
+    tags=["infinito", "causal-lm", "iit-memory"],
+):
+    """INFINITO V5.2. ``Infinito(ModelConfig())`` has the seed's dimensions.
+
+    ``PyTorchModelHubMixin`` adds ``save_pretrained``, ``from_pretrained`` (a directory or a
+    Hub repo id) and ``push_to_hub``; they read and write the same two files as ``save`` and
+    ``from_checkpoint``, strictly, memory buffers included (see docs/export.md).
+    """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -316,7 +344,6 @@ class Infinito(nn.Module):
             stats[f"phi_weight_{name}"] = w
         if self.memory is None:
             return aux, stats, None
-        stats["candidate_phi_mean"] = stats["phi_mean"]
         ends = mid[:, C - 1 : n * C : C]  # (B, n, D): each chunk's last state
         means = mid[:, : n * C].reshape(B, n, C, D).mean(2)  # (B, n, D)
         candidates = MemoryCandidates(
@@ -376,7 +403,7 @@ class Infinito(nn.Module):
             self._reads_enabled = previous
 
     def memory_stats(self) -> dict[str, float]:
-        """utilisation, stored_phi_mean, threshold; {} without memory."""
+        """memory_utilisation, stored_phi_mean, threshold; {} without memory."""
         return {} if self.memory is None else self.memory.stats()
 
     @torch.no_grad()
@@ -526,10 +553,53 @@ class Infinito(nn.Module):
 
     def save(self, path: str | Path) -> None:
         """Write ``path/model.safetensors`` (weights and memory) and ``path/config.json``."""
-        tensors = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
         with atomic_dir(path) as tmp:
-            save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-            write_json(tmp / CONFIG_FILE, self.config.to_dict())
+            self._write_checkpoint(tmp)
+
+    def _write_checkpoint(self, directory: Path) -> None:
+        tensors = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+        write_json(directory / CONFIG_FILE, self.config.to_dict())
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        """``save_pretrained``'s files: the checkpoint ``save`` writes, in ``save_directory``."""
+        self._write_checkpoint(Path(save_directory))
+
+    @classmethod
+    def _from_pretrained(
+        cls,
+        *,
+        model_id: str,
+        revision: str | None,
+        cache_dir: str | Path | None,
+        force_download: bool,
+        local_files_only: bool,
+        token: str | bool | None,
+        map_location: str = "cpu",
+        **model_kwargs: object,
+    ) -> Infinito:
+        """``from_pretrained``: a local directory or a Hub repo's two files, loaded strictly by
+        ``from_checkpoint``, in eval mode (the mixin's convention)."""
+        model_kwargs.pop("config", None)  # the mixin's lenient parse; from_checkpoint re-reads it
+        if model_kwargs:
+            raise TypeError(
+                f"Infinito.from_pretrained got unexpected arguments {sorted(model_kwargs)}; the "
+                f"model is described by its {CONFIG_FILE}"
+            )
+        path = Path(model_id)
+        if not path.is_dir():
+            path = Path(
+                snapshot_download(
+                    repo_id=model_id,
+                    revision=revision,
+                    cache_dir=cache_dir,
+                    force_download=force_download,
+                    local_files_only=local_files_only,
+                    token=token,
+                    allow_patterns=[CONFIG_FILE, WEIGHTS_FILE],
+                )
+            )
+        return cls.from_checkpoint(path, map_location=map_location).eval()
 
     @classmethod
     def from_checkpoint(
@@ -537,14 +607,7 @@ class Infinito(nn.Module):
     ) -> Infinito:
         """Load a directory written by ``save``, strictly: a missing or unexpected tensor fails."""
         path = Path(path)
-        for name in (CONFIG_FILE, WEIGHTS_FILE):
-            if not (path / name).is_file():
-                raise CheckpointError(
-                    f"{path / name} not found; a checkpoint directory holds {WEIGHTS_FILE} and "
-                    f"{CONFIG_FILE} as written by Infinito.save"
-                )
-        with (path / CONFIG_FILE).open() as f:
-            config = ModelConfig.from_dict(json.load(f))
+        config = checkpoint_config(path)
         state = load_file(str(path / WEIGHTS_FILE), device=str(map_location))
         with torch.device("meta"):  # no initialisation work: every tensor is loaded below
             model = cls(config)

@@ -23,7 +23,7 @@ COMPILE ``eager``, ``default``, ``reduce-overhead`` (CUDA graphs), ``max-autotun
 ``max-autotune-no-cudagraphs``. The JSON is rewritten after every variant, so a run cut short
 keeps what it measured; ``--budget-sec`` starts no variant that the remaining time cannot fit.
 
-On the GPU machine (imports torch, numpy, pyyaml, safetensors; no DVC or tokenizer)::
+On the GPU machine (imports torch, numpy, ruamel.yaml, safetensors; no DVC or tokenizer)::
 
     PYTHONPATH=. python scripts/gpu_check.py --data .device/wikitext-2/tokenized \\
         --out "$OUT/gpu-speed.json" --budget-sec 150
@@ -54,10 +54,11 @@ import torch
 from infinito.atomic import write_json
 from infinito.batches import TrainData, epoch_order, load_windows
 from infinito.config import Params
-from infinito.evaluate import read_meta, score
+from infinito.data.splits import read_meta
 from infinito.model import Infinito
 from infinito.optim import build_optimizer, build_schedulers
 from infinito.runtime import autocast, resolve_device, resolve_dtype, seed_everything
+from infinito.scoring import score
 from infinito.trainlog import peak_flops
 
 SEED_RUN = {"epochs": 20, "batch_size": 16, "lr": 2e-4, "lambda_phi": 0.1, "seed": 42}

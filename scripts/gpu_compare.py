@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from infinito.atomic import write_json
+from infinito.config import parse_yaml, read_yaml, write_params
 
 METRICS = (
     "validation_ppl",
@@ -68,28 +69,14 @@ def run(cmd: list[str], deadline: float) -> None:
         raise RunTimeout(f"stopped at the time budget: {' '.join(cmd[:3])}") from e
 
 
-def write_run_params(params: Path, out: Path, overrides: dict[str, Any]) -> None:
-    """``params`` with dotted-key ``overrides`` applied, as a params file for one run."""
-    import yaml
-
-    from infinito.config import apply_overrides
-
-    with params.open() as f:
-        raw = yaml.safe_load(f)
-    with out.open("w") as f:
-        yaml.safe_dump(apply_overrides(raw, overrides), f, sort_keys=False)
-
-
 def parse_sets(items: list[str]) -> dict[str, Any]:
     """``KEY=VALUE`` overrides, values read as YAML scalars (as ``dvc exp run -S`` does)."""
-    import yaml
-
     out: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ValueError(f"--set {item!r} is not KEY=VALUE (e.g. train.compile=false)")
-        out[key] = yaml.safe_load(value)
+        out[key] = parse_yaml(value, f"--set {key}")
     return out
 
 
@@ -108,14 +95,14 @@ def one(
     if not (d / "eval.json").exists():
         d.mkdir(parents=True, exist_ok=True)
         run_params = d / "params.yaml"
-        write_run_params(params, run_params, {**(sets or {}), "seed": seed, "model.iit": iit})
+        write_params(run_params, {**(sets or {}), "seed": seed, "model.iit": iit}, base=params)
         py = sys.executable
         t0 = time.perf_counter()
         run(
             [py, "-m", "infinito.train", "--params", str(run_params), "--data", str(data)]
             + ["--out", str(d / "best"), "--state", str(d / "state")]
             + ["--metrics", str(d / "train.json"), "--history", str(d / "history.csv")]
-            + ["--stale-state", "discard"],
+            + ["--curves", str(d / "curves.png"), "--stale-state", "discard"],
             deadline,
         )
         shutil.rmtree(d / "state", ignore_errors=True)  # the resumable state: about 1 GB
@@ -139,9 +126,10 @@ def memory_writes(model_dir: Path, data: Path, params_path: Path) -> dict[str, f
     import torch
 
     from infinito.config import load_params
-    from infinito.evaluate import nonoverlapping_windows, open_split, read_meta, score
+    from infinito.data.splits import nonoverlapping_windows, open_split, read_meta
     from infinito.model import Infinito
     from infinito.runtime import resolve_device, resolve_dtype
+    from infinito.scoring import score
 
     params = load_params(params_path)
     device = resolve_device(params.train.device)
@@ -209,14 +197,12 @@ def stop_reason(
 def entry(d: Path, name: str, iit: bool, seed: int) -> dict[str, Any]:
     """One run: train.json and eval.json keys as they are, plus what the comparison adds."""
     import torch
-    import yaml
 
     with (d / "train.json").open() as f:
         train = json.load(f)
     with (d / "eval.json").open() as f:
         ev = json.load(f)
-    with (d / "params.yaml").open() as f:
-        params = yaml.safe_load(f)
+    params = read_yaml(d / "params.yaml")
     extra: dict[str, Any] = {}
     for extra_file in ("memory_writes.json", "wall.json"):
         if (d / extra_file).exists():

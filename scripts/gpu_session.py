@@ -122,7 +122,7 @@ def preflight(data: Path, tiny: bool) -> dict[str, Any]:
     import infinito.evaluate  # noqa: F401
     import infinito.train  # noqa: F401
     from infinito.config import load_params
-    from infinito.evaluate import read_meta
+    from infinito.data.splits import read_meta
 
     load_params(REPO / "params.yaml")
     cuda = torch.cuda.is_available()

@@ -291,7 +291,7 @@ def test_memory_write_is_visible_only_from_the_next_call() -> None:
     second = model(idx)
     assert not torch.allclose(second.logits, first.logits)
     model.reset_memory()
-    assert not model.memory.valid.any() and model.memory_stats()["utilisation"] == 0.0
+    assert not model.memory.valid.any() and model.memory_stats()["memory_utilisation"] == 0.0
     torch.testing.assert_close(model(idx).logits, first.logits, rtol=0, atol=0)
 
 
@@ -329,7 +329,7 @@ def test_memory_state_is_saved_with_the_weights() -> None:
     state = model.state_dict()
     for name in ("keys", "values", "phi", "usage", "age", "valid"):
         assert f"memory.{name}" in state
-    assert model.memory_stats()["utilisation"] > 0
+    assert model.memory_stats()["memory_utilisation"] > 0
     assert set(model.iit_stats()) == {
         "phi_weight_temporal_coherence",
         "phi_weight_integration",
@@ -351,8 +351,8 @@ def test_candidates_from_several_processes_join() -> None:
 
 
 def test_memory_is_written_on_real_text_at_initialisation(wikitext_valid: Path) -> None:
-    """The original memory could never be written; here real text fills it at once, and a
-    threshold inside the candidates' PHI range separates written from rejected chunks."""
+    """Real text fills the memory at once, and a threshold inside the candidates' PHI range
+    separates written from rejected chunks."""
     from infinito.data.tokenize import load_tokenizer
 
     lines = [line for line in wikitext_valid.read_text().splitlines() if line.strip()][:200]
@@ -367,7 +367,7 @@ def test_memory_is_written_on_real_text_at_initialisation(wikitext_valid: Path) 
             stats = as_floats(model.write_memory(out.candidates))
             assert stats["writes"] > 0
             phis.append(out.candidates.phi)
-    assert model.memory_stats()["utilisation"] == 1.0
+    assert model.memory_stats()["memory_utilisation"] == 1.0
     phi = torch.cat(phis)
     assert phi.std() > 0.01  # chunks of real text differ in PHI
     # a learned threshold at the median: some chunks are written, some are not
