@@ -318,9 +318,11 @@ def _table(report: dict[str, Any]) -> str:
             continue
         mfu = f"{100 * r['mfu']:5.1f}%" if r.get("mfu") else "    -"
         gib = f"{r['peak_memory_gib']:5.1f}" if r.get("peak_memory_gib") else "    -"
+        base = r.get("speedup_vs_baseline")  # absent when its baseline was not measured
+        speedup = f"{base:>7.2f}x" if base is not None else "      -"
         rows.append(
             f"{name:<34} {r['tokens_per_sec']:>9,.0f} {r['step_ms']:>9.2f} {mfu} {gib} "
-            f"{r['compile_sec']:>7.1f}s {r.get('speedup_vs_baseline', float('nan')):>7.2f}x"
+            f"{r['compile_sec']:>7.1f}s {speedup}"
         )
     return "\n".join(rows)
 
