@@ -194,7 +194,7 @@ def session(args: argparse.Namespace) -> int:
     if not args.skip_speed:
         speed_budget = SPEED_SHARE * args.budget_sec
         if not args.tiny:  # the seed runs need the rest of a lease
-            speed_budget = min(SPEED_MAX_SEC, speed_budget)
+            speed_budget = min(args.speed_sec, speed_budget)
         speed_args = ["--data", str(data / "tokenized"), "--out", str(out / "gpu-speed.json")]
         speed_args += ["--budget-sec", f"{speed_budget:.0f}"]
         if args.tiny:
@@ -285,6 +285,12 @@ def main(argv: list[str] | None = None) -> int:
         help="seed runs at a time on the GPU (2: both arms of a seed together)",
     )
     go.add_argument("--tiny", action="store_true", help="toy size on CPU: checks the session")
+    go.add_argument(
+        "--speed-sec",
+        type=float,
+        default=SPEED_MAX_SEC,
+        help=f"the speed check's seconds (at most {SPEED_SHARE} of the budget)",
+    )
     go.add_argument(
         "--skip-speed",
         action="store_true",
