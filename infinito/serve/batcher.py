@@ -1,7 +1,8 @@
 """Continuous batching: one decode thread serves every request, a bounded queue in front of it.
 
-Requests (``Job``) wait in a queue of at most ``max_queue``; a full queue refuses new ones
-(``QueueFull``: the API answers 503 with Retry-After) instead of building a backlog. The decode
+Requests (``Job``) wait in a queue of at most ``max_queue`` beside the ``max_batch`` that are
+decoding; past that a new one is refused (``QueueFull``: the API answers 503 with Retry-After)
+instead of building a backlog. The decode
 thread runs a loop:
 
 1. admit waiting jobs while fewer than ``max_batch`` run: each is prefilled alone (its prompt
@@ -95,12 +96,15 @@ class Batcher:
             self._thread.join(timeout)
 
     def submit(self, job: Job) -> None:
-        """Queue ``job``; raises ``QueueFull`` when ``max_queue`` jobs already wait."""
+        """Queue ``job``; raises ``QueueFull`` when max_batch + max_queue jobs are in already."""
         with self._cond:
             if self._stop:
                 raise QueueFull("the server is shutting down")
-            if len(self._waiting) >= self.max_queue:
-                raise QueueFull(f"{len(self._waiting)} requests are waiting already")
+            if len(self._waiting) + len(self._running) >= self.max_batch + self.max_queue:
+                raise QueueFull(
+                    f"{len(self._running)} requests are decoding and {len(self._waiting)} "
+                    f"waiting (--max-batch {self.max_batch}, --max-queue {self.max_queue})"
+                )
             self._waiting.append(job)
             self._cond.notify()
 
@@ -111,6 +115,7 @@ class Batcher:
                 "running": len(self._running),
                 "waiting": len(self._waiting),
                 "decode_steps": self.steps,
+                "decode_rows": self.rows,
                 "mean_batch": self.rows / self.steps if self.steps else 0.0,
                 "completed": self.completed,
             }
@@ -126,6 +131,7 @@ class Batcher:
                     break
                 free = self.max_batch - len(self._running)
                 admitted = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
+                self._running.extend(admitted)  # counted as running from now on (see submit)
             for job in admitted:
                 self._guard(job, self._admit)
             with self._cond:
@@ -142,13 +148,10 @@ class Batcher:
         job.text = TextStream(self.decode, job.stop)
         job.seq = self.engine.start(job.prompt_ids, job.sampling)
         self._emit_token(job)
-        if not self._finished(job):
-            with self._cond:
-                self._running.append(job)
 
     def _guard_step(self, running: list[Job]) -> None:
         try:
-            self.engine.step([j.seq for j in running if j.seq is not None])
+            self.engine.step([j.seq for j in running])  # type: ignore[misc]  # all admitted
             self.steps += 1
             self.rows += len(running)
         except Exception as e:  # a failed step fails its jobs, never the server
