@@ -26,9 +26,9 @@ import warnings
 import torch
 from torch import Tensor, nn
 
-from infinito.config import ConfigError
+from infinito.config import INFERENCE_DTYPES, ConfigError
 
-VARIANTS = ("fp32", "bf16", "int8")
+VARIANTS = INFERENCE_DTYPES
 
 
 class PerRowQuantizedLinear(nn.Module):
