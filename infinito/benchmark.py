@@ -301,12 +301,16 @@ def cpu_variants(
             out[f"cpu_{v}_speedup_vs_hf_fp32_b1_p{p}"] = (
                 speed / out[f"cpu_hf_fp32_b1_p{p}_tokens_per_sec"]
             )
-            out[f"cpu_{v}_speedup_vs_fp32_b1_p{p}"] = speed / out[f"cpu_fp32_b1_p{p}_tokens_per_sec"]
+            out[f"cpu_{v}_speedup_vs_fp32_b1_p{p}"] = (
+                speed / out[f"cpu_fp32_b1_p{p}_tokens_per_sec"]
+            )
     for v, m in models.items():
         out[f"cpu_{v}_weight_mb"] = weight_bytes(m) / 2**20
         out[f"cpu_{v}_test_ppl"] = score(m, test, windows, PPL_BATCH, cpu, torch.float32).ppl
     for v in cfg.quantized_variants:
-        out[f"cpu_{v}_test_ppl_rel_change"] = out[f"cpu_{v}_test_ppl"] / out["cpu_fp32_test_ppl"] - 1
+        out[f"cpu_{v}_test_ppl_rel_change"] = (
+            out[f"cpu_{v}_test_ppl"] / out["cpu_fp32_test_ppl"] - 1
+        )
     return out
 
 

@@ -18,7 +18,7 @@ COMMANDS = {
     "generate": ("infinito.generate", "sample text from a checkpoint"),
     "benchmark": ("infinito.benchmark", "inference latency and throughput"),
     "report": ("infinito.report", "table of DVC experiments with significance tests"),
-    "serve": ("infinito.serve.server", "serve a checkpoint: OpenAI-compatible HTTP API, playground"),
+    "serve": ("infinito.serve.server", "serve a checkpoint: OpenAI-compatible API and playground"),
 }
 
 

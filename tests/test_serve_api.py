@@ -14,11 +14,11 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from conftest import command_env
+from serve_helpers import TEXT_TINY, live_server, save_text_checkpoint
 
 from infinito.serve.app import create_app
 from infinito.serve.server import ServeConfig, exposure_warning, load_service, main
-from conftest import command_env
-from serve_helpers import TEXT_TINY, live_server, save_text_checkpoint
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -56,23 +56,34 @@ def test_health_and_models(server: str) -> None:
 
 def test_openai_client_completion_and_stream(server: str) -> None:
     client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
-    done = client.completions.create(model="infinito", prompt="The history of", max_tokens=12,
-                                     temperature=0.8, seed=5)  # fmt: skip
+    done = client.completions.create(
+        model="infinito", prompt="The history of", max_tokens=12, temperature=0.8, seed=5
+    )
     assert done.object == "text_completion" and done.choices[0].finish_reason == "length"
     assert done.usage is not None and done.usage.completion_tokens == 12
     assert done.usage.prompt_tokens == 3 and done.choices[0].text
     chunks = list(
-        client.completions.create(model="infinito", prompt="The history of", max_tokens=12,
-                                  temperature=0.8, seed=5, stream=True,
-                                  stream_options={"include_usage": True})  # fmt: skip
+        client.completions.create(
+            model="infinito",
+            prompt="The history of",
+            max_tokens=12,
+            temperature=0.8,
+            seed=5,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
     )
     text = "".join(c.choices[0].text for c in chunks if c.choices)
     assert text == done.choices[0].text  # same seed, same tokens, streamed or not
     assert len([c for c in chunks if c.choices and c.choices[0].text]) > 1  # really streamed
     assert chunks[-2].choices[0].finish_reason == "length"
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 12
-    extra = client.completions.create(model="infinito", prompt="Hello", max_tokens=4,
-                                      extra_body={"top_k": 5, "repetition_penalty": 1.2})  # fmt: skip
+    extra = client.completions.create(
+        model="infinito",
+        prompt="Hello",
+        max_tokens=4,
+        extra_body={"top_k": 5, "repetition_penalty": 1.2},
+    )
     assert extra.usage is not None and extra.usage.completion_tokens == 4
 
 
@@ -88,8 +99,9 @@ def test_stream_is_openai_sse(server: str) -> None:
 
 
 def test_a_seeded_request_is_the_same_alone_and_in_a_concurrent_batch(server: str) -> None:
-    request = dict(prompt="The meaning of life", max_tokens=60, temperature=0.9, top_p=0.9,
-                   seed=1234)  # fmt: skip
+    request = dict(
+        prompt="The meaning of life", max_tokens=60, temperature=0.9, top_p=0.9, seed=1234
+    )
     alone = complete(server, **request).json()["choices"][0]["text"]
     others = [
         dict(prompt="In 1990", max_tokens=60, temperature=1.2, seed=1),
@@ -147,8 +159,12 @@ def test_bad_input_is_a_400_naming_the_field(
 
 
 def test_malformed_json_unknown_model_and_huge_body(server: str) -> None:
-    r = httpx.post(f"{server}/v1/completions", content=b"{not json", timeout=10,
-                   headers={"content-type": "application/json"})  # fmt: skip
+    r = httpx.post(
+        f"{server}/v1/completions",
+        content=b"{not json",
+        timeout=10,
+        headers={"content-type": "application/json"},
+    )
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
     r = complete(server, timeout=10, prompt="a", model="gpt-4")
     assert r.status_code == 404 and r.json()["error"]["param"] == "model"
@@ -202,7 +218,7 @@ def test_full_queue_is_503_with_retry_after_and_a_disconnect_frees_the_slot(
         with a.stream("POST", f"{small_server}/v1/completions", json=long) as first:
             lines = first.iter_lines()  # kept: dropping it would close the stream
             next(lines)  # decoding: holds the only slot
-            with b.stream("POST", f"{small_server}/v1/completions", json=long) as second:
+            with b.stream("POST", f"{small_server}/v1/completions", json=long):
                 assert wait_for(lambda: httpx.get(f"{small_server}/health").json()["waiting"] == 1)
                 refused = complete(small_server, timeout=10, prompt="Hi", max_tokens=2)
                 assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
@@ -224,8 +240,9 @@ def test_an_api_key_is_required_when_set(checkpoint: Path) -> None:
         assert httpx.get(f"{url}/health").status_code == 200  # probes need no key
         denied = httpx.get(f"{url}/v1/models")
         assert denied.status_code == 401 and denied.headers["www-authenticate"] == "Bearer"
-        wrong = httpx.post(f"{url}/v1/completions", json={"prompt": "a"},
-                           headers={"Authorization": "Bearer nope"})  # fmt: skip
+        wrong = httpx.post(
+            f"{url}/v1/completions", json={"prompt": "a"}, headers={"Authorization": "Bearer nope"}
+        )
         assert wrong.status_code == 401
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="s3cret", max_retries=0)
         assert client.completions.create(model="infinito", prompt="a", max_tokens=2).choices
@@ -270,10 +287,23 @@ def test_infinito_serve_command_answers_on_loopback(checkpoint: Path) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "infinito.cli", "serve", "--model", str(checkpoint),
-         "--port", str(port), "--log-level", "warning"],
-        env=command_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "infinito.cli",
+            "serve",
+            "--model",
+            str(checkpoint),
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
+        env=command_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         url = f"http://127.0.0.1:{port}"
 

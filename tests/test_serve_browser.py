@@ -77,11 +77,19 @@ class DevTools:
 
     def click(self, selector: str) -> None:
         """A real mouse click at the centre of the element."""
-        box = self.js(f"(() => {{ const r = document.querySelector({selector!r})"
-                      ".getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2]; })()")  # fmt: skip
+        box = self.js(
+            f"(() => {{ const r = document.querySelector({selector!r})"
+            ".getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2]; })()"
+        )
         for kind in ("mousePressed", "mouseReleased"):
-            self.call("Input.dispatchMouseEvent", type=kind, x=box[0], y=box[1], button="left",
-                      clickCount=1)  # fmt: skip
+            self.call(
+                "Input.dispatchMouseEvent",
+                type=kind,
+                x=box[0],
+                y=box[1],
+                button="left",
+                clickCount=1,
+            )
 
     def close(self) -> None:
         self.ws.close()
@@ -149,7 +157,9 @@ def slow_server(tmp_path: Path) -> Iterator[str]:
 
 def test_playground_streams_a_completion_into_the_page(slow_server: str) -> None:
     with browser(f"{slow_server}/") as page:
-        wait_until(page, "document.readyState === 'complete' && !!document.getElementById('generate')")
+        wait_until(
+            page, "document.readyState === 'complete' && !!document.getElementById('generate')"
+        )
         wait_until(page, "document.getElementById('model').textContent.includes('infinito')")
         page.js("const p = document.getElementById('prompt'); p.value = ''; p.focus()")
         page.call("Input.insertText", text="The history of")
@@ -170,7 +180,9 @@ def test_playground_streams_a_completion_into_the_page(slow_server: str) -> None
         error = page.js("document.getElementById('error').textContent")
         if os.environ.get("INFINITO_SCREENSHOT"):  # for a person to look at the page
             shot = page.call("Page.captureScreenshot", format="png")["data"]
-            Path(os.environ["INFINITO_SCREENSHOT"]).write_bytes(__import__("base64").b64decode(shot))
+            Path(os.environ["INFINITO_SCREENSHOT"]).write_bytes(
+                __import__("base64").b64decode(shot)
+            )
     assert error == "" and prompt == "The history of"
     assert final and len(seen) >= 5, f"the text did not stream in pieces: {seen}"
     assert all(final.startswith(part) for part in seen)  # it grew, never rewrote

@@ -1,4 +1,4 @@
-"""The server's decoding: parity with Infinito.generate, batch independence, stop rules, batching."""
+"""The server's decoding: parity with Infinito.generate, batch independence, stop rules."""
 
 from __future__ import annotations
 
@@ -9,14 +9,22 @@ import pytest
 import torch
 
 from infinito.config import ModelConfig
-from infinito.model import Infinito
+from infinito.model import Infinito, LayerCache
 from infinito.quantize import inference_variant
 from infinito.serve.batcher import Batcher, Event, Job, QueueFull
-from infinito.serve.engine import Engine, Sampling
+from infinito.serve.engine import Engine, Sampling, sample
 from infinito.serve.textstream import TextStream
 
-CFG = ModelConfig(vocab_size=97, d_model=32, n_layer=2, n_head=4, block_size=32, dropout=0.0,
-                  memory_slots=8, phi_chunk=8)  # fmt: skip
+CFG = ModelConfig(
+    vocab_size=97,
+    d_model=32,
+    n_layer=2,
+    n_head=4,
+    block_size=32,
+    dropout=0.0,
+    memory_slots=8,
+    phi_chunk=8,
+)
 
 PROMPTS = [[1, 2, 3], [5, 6, 7, 8, 9, 10, 11], [4], [90, 3, 3, 3, 3]]
 SETTINGS = [
@@ -32,7 +40,10 @@ def model(cfg: ModelConfig = CFG, seed: int = 0) -> Infinito:
     m = Infinito(cfg).eval()
     with torch.no_grad():  # a populated memory, so the read at the middle layer is not a no-op
         for i in range(3):
-            m.write_memory(m(torch.randint(0, cfg.vocab_size, (4, 32), generator=torch.Generator().manual_seed(i))).candidates)  # fmt: skip
+            x = torch.randint(
+                0, cfg.vocab_size, (4, 32), generator=torch.Generator().manual_seed(i)
+            )
+            m.write_memory(m(x).candidates)
     assert m.memory is not None and bool(m.memory.valid.any())
     return m
 
@@ -51,6 +62,16 @@ def reference(m: Infinito, prompt: list[int], s: Sampling, n: int) -> list[int]:
     return out[0, len(prompt) :].tolist()
 
 
+def alone(m: Infinito, prompt: list[int], s: Sampling, n: int) -> list[int]:
+    """The tokens a sequence gets when the engine decodes it by itself."""
+    engine = Engine(m, memory="checkpoint")
+    seq = engine.start(prompt, s)
+    for _ in range(n - 1):
+        engine.step([seq])
+    engine.close()
+    return seq.ids[0, len(prompt) :].tolist()
+
+
 def decode_together(engine: Engine, n: int) -> list[list[int]]:
     seqs = [engine.start(p, s) for p, s in zip(PROMPTS, SETTINGS, strict=True)]
     for _ in range(n - 1):
@@ -58,17 +79,56 @@ def decode_together(engine: Engine, n: int) -> list[list[int]]:
     return [s.ids[0, len(p) :].tolist() for s, p in zip(seqs, PROMPTS, strict=True)]
 
 
+GREEDY = [
+    Sampling(max_tokens=12, temperature=0.0, repetition_penalty=r) for r in (1.0, 1.3, 2.0, 0.8)
+]
+
+
 @pytest.mark.parametrize("memory", ["checkpoint", "reset"])
-def test_each_sequence_of_a_batch_matches_generate_with_its_seed(memory: str) -> None:
+def test_each_sequence_of_a_batch_matches_generate(memory: str) -> None:
     m = model()
     if memory == "reset":
         m.reset_memory()
-    expected = [reference(m, p, s, 12) for p, s in zip(PROMPTS, SETTINGS, strict=True)]
+    expected = [reference(m, p, s, 12) for p, s in zip(PROMPTS, GREEDY, strict=True)]
     engine = Engine(m, memory=memory)
     try:
-        assert decode_together(engine, 12) == expected
+        seqs = [engine.start(p, s) for p, s in zip(PROMPTS, GREEDY, strict=True)]
+        for _ in range(11):
+            engine.step(seqs)
+        assert [s.ids[0, len(p) :].tolist() for s, p in zip(seqs, PROMPTS, strict=True)] == expected
+        # and the logits of a ragged batch step are generate's, up to float rounding
+        logits = engine._forward(seqs)
+        for b, seq in enumerate(seqs):
+            ids = seq.ids
+            caches = [LayerCache(CFG.block_size) for _ in range(CFG.n_layer)]
+            with torch.no_grad(), m.memory.frozen():  # type: ignore[union-attr]
+                ref = m._decode(ids, 0, caches)
+            torch.testing.assert_close(logits[b : b + 1], ref, rtol=1e-4, atol=1e-5)
     finally:
         engine.close()
+
+
+def test_sampling_follows_the_filtered_distribution() -> None:
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]])
+    g = torch.Generator().manual_seed(0)
+    n = 6_000
+
+    def freq(**kw: object) -> torch.Tensor:
+        draws = torch.cat([sample(logits, generator=g, **kw) for _ in range(n)])  # type: ignore[arg-type]
+        return torch.bincount(draws, minlength=6).double() / n
+
+    torch.testing.assert_close(
+        freq(temperature=1.0, top_k=None, top_p=None),
+        logits.softmax(-1)[0].double(),
+        atol=0.03,
+        rtol=0,
+    )
+    hot = freq(temperature=2.0, top_k=3, top_p=None)
+    assert hot[3:].sum() == 0
+    torch.testing.assert_close(hot[:3], (logits[0, :3] / 2).softmax(-1).double(), atol=0.03, rtol=0)
+    nucleus = freq(temperature=1.0, top_k=None, top_p=0.6)  # keeps 2.0 and 1.0 (0.48 + 0.18)
+    assert nucleus[2:].sum() == 0 and nucleus[0] > nucleus[1] > 0
+    assert sample(logits, 0.0, None, None, g).tolist() == [0]
 
 
 def test_the_checkpoint_memory_changes_the_logits() -> None:
@@ -176,7 +236,7 @@ def job(prompt: list[int], s: Sampling, sink: Sink, stop: tuple[str, ...] = ()) 
 
 def test_jobs_submitted_together_decode_together_with_their_own_settings() -> None:
     m = model()
-    expected = [chars(reference(m, p, s, 12)) for p, s in zip(PROMPTS, SETTINGS, strict=True)]
+    expected = [chars(alone(m, p, s, 12)) for p, s in zip(PROMPTS, SETTINGS, strict=True)]
     batcher = Batcher(Engine(m, memory="checkpoint"), chars, max_batch=4, max_queue=4)
     sinks = [Sink() for _ in PROMPTS]
     for p, s, sink in zip(PROMPTS, SETTINGS, sinks, strict=True):
@@ -185,8 +245,10 @@ def test_jobs_submitted_together_decode_together_with_their_own_settings() -> No
     try:
         assert all(sink.done.wait(30) for sink in sinks)
         assert [s.text for s in sinks] == expected
-        assert all(s.events[-1] == Event("done", finish_reason="length", completion_tokens=12)
-                   for s in sinks)  # fmt: skip
+        assert all(
+            s.events[-1] == Event("done", finish_reason="length", completion_tokens=12)
+            for s in sinks
+        )
         load = batcher.load()
         assert load["decode_steps"] == 11 and load["mean_batch"] == 4.0
     finally:
@@ -214,7 +276,7 @@ def test_a_full_queue_refuses_and_a_cancelled_job_frees_its_slot() -> None:
 
 def test_a_stop_sequence_ends_a_job_with_finish_reason_stop() -> None:
     m = model()
-    full = chars(reference(m, PROMPTS[1], SETTINGS[1], 12))
+    full = chars(alone(m, PROMPTS[1], SETTINGS[1], 12))
     stop = full[5:7]
     batcher = Batcher(Engine(m, memory="checkpoint"), chars, max_batch=2, max_queue=0)
     sink = Sink()

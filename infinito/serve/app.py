@@ -112,9 +112,14 @@ def create_app(service: Service) -> FastAPI:
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": service.model_id, **(service.info or {}),
-                "max_batch": service.batcher.max_batch, "max_queue": service.batcher.max_queue,
-                **service.batcher.load()}
+        return {
+            "status": "ok",
+            "model": service.model_id,
+            **(service.info or {}),
+            "max_batch": service.batcher.max_batch,
+            "max_queue": service.batcher.max_queue,
+            **service.batcher.load(),
+        }
 
     @app.get("/", response_class=HTMLResponse)
     async def playground() -> HTMLResponse:
@@ -127,20 +132,30 @@ def create_app(service: Service) -> FastAPI:
     @app.post("/v1/completions", dependencies=[Depends(auth)])
     async def completions(body: CompletionRequest, request: Request) -> Response:
         if body.model is not None and body.model != service.model_id:
-            raise ApiError(404, f"model {body.model!r} is not served here; "
-                           f"GET /v1/models lists {service.model_id!r}", "model",
-                           "model_not_found")
+            raise ApiError(
+                404,
+                f"model {body.model!r} is not served here; "
+                f"GET /v1/models lists {service.model_id!r}",
+                "model",
+                "model_not_found",
+            )
         prompt_ids = _prompt_ids(service, body.prompt)
         job, events = _job(service, body, prompt_ids)
         try:
             service.batcher.submit(job)
         except QueueFull as e:
             raise ApiError(503, f"server busy: {e}; retry later") from e
-        meta = _Meta(f"cmpl-{uuid.uuid4().hex}", int(time.time()), service.model_id, len(prompt_ids))
+        meta = _Meta(
+            f"cmpl-{uuid.uuid4().hex}", int(time.time()), service.model_id, len(prompt_ids)
+        )
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
-            return JobStream(_sse(events, meta, usage), job, media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return JobStream(
+                _sse(events, meta, usage),
+                job,
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
         return JSONResponse(await _collect(events, job, request, meta))
 
     return app
@@ -164,8 +179,9 @@ def _prompt_ids(service: Service, prompt: str) -> list[int]:
 def _job(service: Service, body: CompletionRequest, prompt_ids: list[int]) -> tuple[Job, Any]:
     cap = service.limits.max_tokens_cap
     if body.max_tokens > cap:
-        raise ApiError(400, f"max_tokens={body.max_tokens} is above this server's cap of {cap}",
-                       "max_tokens")
+        raise ApiError(
+            400, f"max_tokens={body.max_tokens} is above this server's cap of {cap}", "max_tokens"
+        )
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     if len(stop) > 4 or not all(stop):
         raise ApiError(400, "stop takes at most 4 non-empty strings", "stop")
@@ -198,12 +214,21 @@ class _Meta:
     prompt_tokens: int
 
     def usage(self, completion_tokens: int) -> dict[str, int]:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens,
-                "total_tokens": self.prompt_tokens + completion_tokens}
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": self.prompt_tokens + completion_tokens,
+        }
 
     def body(self, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
-        return {"id": self.id, "object": "text_completion", "created": self.created,
-                "model": self.model, "choices": choices, **extra}
+        return {
+            "id": self.id,
+            "object": "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            **extra,
+        }
 
 
 def _choice(text: str, finish_reason: str | None) -> dict[str, Any]:
@@ -226,8 +251,10 @@ async def _collect(
             if event.kind == "text":
                 parts.append(event.text)
             elif event.kind == "done":
-                return meta.body([_choice("".join(parts), event.finish_reason)],
-                                 usage=meta.usage(event.completion_tokens))
+                return meta.body(
+                    [_choice("".join(parts), event.finish_reason)],
+                    usage=meta.usage(event.completion_tokens),
+                )
             else:
                 raise ApiError(500, f"generation failed: {event.text}")
     finally:
@@ -235,20 +262,32 @@ async def _collect(
 
 
 async def _sse(events: asyncio.Queue[Event], meta: _Meta, usage: bool) -> AsyncIterator[str]:
-    """OpenAI's stream: one chunk per text delta, a last chunk with finish_reason, [DONE]."""
+    """OpenAI's stream: chunks of text, a last chunk with finish_reason, then [DONE].
+
+    Text deltas that queued up while the client was reading are sent as one chunk.
+    """
     while True:
         event = await events.get()
+        text = []
+        while event.kind == "text":
+            text.append(event.text)
+            if events.empty():
+                break
+            event = events.get_nowait()
+        if text:
+            yield _data(meta.body([_choice("".join(text), None)]))
         if event.kind == "text":
-            yield _data(meta.body([_choice(event.text, None)]))
-        elif event.kind == "done":
+            continue
+        if event.kind == "done":
             yield _data(meta.body([_choice("", event.finish_reason)]))
             if usage:
                 yield _data(meta.body([], usage=meta.usage(event.completion_tokens)))
             yield "data: [DONE]\n\n"
             return
         else:
-            yield _data({"error": _error_body(f"generation failed: {event.text}", None,
-                                              "server_error")})
+            yield _data(
+                {"error": _error_body(f"generation failed: {event.text}", None, "server_error")}
+            )
             return
 
 
@@ -308,8 +347,12 @@ async def _validation_error(_: Request, e: RequestValidationError) -> Response:
     """Pydantic's first complaint as a 400 naming the field (``body`` when the JSON is bad)."""
     first = e.errors()[0]
     if first.get("type") == "json_invalid":
-        return _error(400, f"body is not valid JSON: {first.get('ctx', {}).get('error', '')}",
-                      None, "invalid_request_error")
+        return _error(
+            400,
+            f"body is not valid JSON: {first.get('ctx', {}).get('error', '')}",
+            None,
+            "invalid_request_error",
+        )
     loc = [str(part) for part in first.get("loc", ()) if part != "body"]
     param = ".".join(loc) or None
     if first.get("type") == "extra_forbidden":
@@ -331,9 +374,14 @@ def _bearer(api_key: str | None) -> Callable[[Request], Awaitable[None]]:
         if api_key is None:
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.encode(), api_key.encode()):
-            raise ApiError(401, "missing or wrong API key: send Authorization: Bearer <key>",
-                           kind="authentication_error")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(
+            token.encode(), api_key.encode()
+        ):
+            raise ApiError(
+                401,
+                "missing or wrong API key: send Authorization: Bearer <key>",
+                kind="authentication_error",
+            )
 
     return check
 
@@ -349,8 +397,9 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        too_big = _error(413, f"request body over {MAX_BODY_BYTES} bytes", None,
-                         "invalid_request_error")
+        too_big = _error(
+            413, f"request body over {MAX_BODY_BYTES} bytes", None, "invalid_request_error"
+        )
         length = dict(scope.get("headers", [])).get(b"content-length", b"0")
         if not length.isdigit() or int(length) > MAX_BODY_BYTES:
             await too_big(scope, receive, send)

@@ -15,6 +15,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -23,6 +24,7 @@ from infinito.quantize import VARIANTS, check_variant, inference_variant
 from infinito.serve.app import ServeLimits, Service, create_app
 from infinito.serve.batcher import Batcher
 from infinito.serve.engine import MEMORY_MODES, Engine
+from infinito.serve.textstream import Decode
 
 API_KEY_ENV = "INFINITO_API_KEY"
 
@@ -81,9 +83,9 @@ def load_service(cfg: ServeConfig) -> Service:
     return Service(batcher, tokenizer, cfg.model_id, limits, cfg.api_key, info)
 
 
-def _decoder(tokenizer: object):  # noqa: ANN202 - a closure over the tokenizer
+def _decoder(tokenizer: Any) -> Decode:
     def decode(ids: list[int]) -> str:
-        return tokenizer.decode(ids, clean_up_tokenization_spaces=False)  # type: ignore[attr-defined]
+        return tokenizer.decode(ids, clean_up_tokenization_spaces=False)
 
     return decode
 
