@@ -153,7 +153,13 @@ def main(argv: list[str] | None = None) -> int:
     warning = exposure_warning(args.host, api_key)
     if warning:
         print(warning, file=sys.stderr, flush=True)
-    uvicorn.run(create_app(service), host=args.host, port=args.port, log_level=args.log_level)
+    uvicorn.run(
+        create_app(service),
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=10,  # open streams get this long to finish on Ctrl-C
+    )
     return 0
 
 
