@@ -288,3 +288,20 @@ def test_a_stop_sequence_ends_a_job_with_finish_reason_stop() -> None:
         assert sink.events[-1].finish_reason == "stop"
     finally:
         batcher.shutdown()
+
+
+def test_a_broken_decode_thread_fails_its_jobs_and_refuses_new_ones() -> None:
+    batcher = Batcher(Engine(model()), chars, max_batch=2, max_queue=2)
+    sink = Sink()
+    batcher.submit(job([1, 2], SETTINGS[0], sink))
+
+    def broken(*_: object) -> bool:
+        raise RuntimeError("bug")
+
+    batcher._round = broken  # type: ignore[method-assign]
+    batcher.start()
+    assert sink.done.wait(10) and sink.events[-1].kind == "error"
+    assert "decode thread stopped" in sink.events[-1].text and not batcher.healthy
+    with pytest.raises(QueueFull, match="decode thread stopped"):
+        batcher.submit(job([1], SETTINGS[0], Sink()))
+    batcher.shutdown()

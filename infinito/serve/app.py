@@ -111,15 +111,18 @@ def create_app(service: Service) -> FastAPI:
     auth = _bearer(service.api_key)
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {
-            "status": "ok",
+    async def health() -> Response:
+        """200 while the decode thread takes requests, 503 once it has stopped."""
+        ok = service.batcher.healthy
+        body = {
+            "status": "ok" if ok else "unavailable",
             "model": service.model_id,
             **(service.info or {}),
             "max_batch": service.batcher.max_batch,
             "max_queue": service.batcher.max_queue,
             **service.batcher.load(),
         }
+        return JSONResponse(body, 200 if ok else 503)
 
     @app.get("/", response_class=HTMLResponse)
     async def playground() -> HTMLResponse:

@@ -99,7 +99,7 @@ class Batcher:
         """Queue ``job``; raises ``QueueFull`` when max_batch + max_queue jobs are in already."""
         with self._cond:
             if self._stop:
-                raise QueueFull("the server is shutting down")
+                raise QueueFull("the server is shutting down or its decode thread stopped")
             if len(self._waiting) + len(self._running) >= self.max_batch + self.max_queue:
                 raise QueueFull(
                     f"{len(self._running)} requests are decoding and {len(self._waiting)} "
@@ -107,6 +107,11 @@ class Batcher:
                 )
             self._waiting.append(job)
             self._cond.notify()
+
+    @property
+    def healthy(self) -> bool:
+        """The decode thread runs and takes requests."""
+        return self._thread.is_alive() and not self._stop
 
     def load(self) -> dict[str, float]:
         """Running and waiting jobs now; decode steps, mean batch and completed jobs so far."""
@@ -123,24 +128,38 @@ class Batcher:
     # ------------------------------------------------------------------ the decode thread
 
     def _loop(self) -> None:
-        while True:
-            with self._cond:
-                while not self._stop and not self._waiting and not self._running:
-                    self._cond.wait()
-                if self._stop:
-                    break
-                free = self.max_batch - len(self._running)
-                admitted = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
-                self._running.extend(admitted)  # counted as running from now on (see submit)
-            for job in admitted:
-                self._guard(job, self._admit)
-            with self._cond:
-                self._running = [j for j in self._running if not self._finished(j)]
-                running = list(self._running)
-            if running:
-                self._guard_step(running)
-        for job in [*self._running, *self._waiting]:
-            job.emit(Event("error", text="the server is shutting down"))
+        reason = "the server is shutting down"
+        try:
+            while self._round():
+                pass
+        except Exception:  # a bug outside the per-job guards: fail everyone, accept no more
+            log.exception("the decode thread stopped")
+            reason = "the decode thread stopped; see the server log"
+        with self._cond:
+            self._stop = True
+            left = [*self._running, *self._waiting]
+        for job in left:
+            if not job.cancelled:
+                job.emit(Event("error", text=reason))
+
+    def _round(self) -> bool:
+        """Admit, drop finished jobs, step the rest; False once shutdown is asked for."""
+        with self._cond:
+            while not self._stop and not self._waiting and not self._running:
+                self._cond.wait()
+            if self._stop:
+                return False
+            free = self.max_batch - len(self._running)
+            admitted = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
+            self._running.extend(admitted)  # counted as running from now on (see submit)
+        for job in admitted:
+            self._guard(job, self._admit)
+        with self._cond:
+            self._running = [j for j in self._running if not self._finished(j)]
+            running = list(self._running)
+        if running:
+            self._guard_step(running)
+        return True
 
     def _admit(self, job: Job) -> None:
         if job.cancelled:

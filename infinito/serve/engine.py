@@ -88,11 +88,6 @@ class Engine:
     def close(self) -> None:
         self._frozen.close()
 
-    @property
-    def context(self) -> int:
-        """Tokens a sequence may hold and still be extended: block_size + 1 (see ``can_extend``)."""
-        return self.config.block_size + 1
-
     def can_extend(self, seq: Sequence) -> bool:
         """A sequence of T tokens gets a next token while its last one has a position (< block)."""
         return seq.length <= self.config.block_size
