@@ -158,6 +158,16 @@ def test_bad_input_is_a_400_naming_the_field(
     assert error["type"] == "invalid_request_error"
 
 
+def test_non_finite_numbers_are_rejected(server: str) -> None:
+    r = httpx.post(
+        f"{server}/v1/completions",
+        content=b'{"prompt": "a", "temperature": NaN}',
+        headers={"content-type": "application/json"},
+        timeout=10,
+    )
+    assert r.status_code == 400 and r.json()["error"]["param"] == "temperature"
+
+
 def test_malformed_json_unknown_model_and_huge_body(server: str) -> None:
     r = httpx.post(
         f"{server}/v1/completions",

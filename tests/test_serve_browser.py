@@ -8,6 +8,7 @@ with Prefect), so no browser-automation package is needed.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import itertools
 import json

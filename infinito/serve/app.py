@@ -55,7 +55,7 @@ class StreamOptions(BaseModel):
 class CompletionRequest(BaseModel):
     """OpenAI's completion request, the fields INFINITO supports; any other field is an error."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     prompt: str = Field(min_length=1)
     model: str | None = None
@@ -142,7 +142,7 @@ def create_app(service: Service) -> FastAPI:
                 "model",
                 "model_not_found",
             )
-        prompt_ids = _prompt_ids(service, body.prompt)
+        prompt_ids = await _prompt_ids(service, body.prompt)
         job, events = _job(service, body, prompt_ids)
         try:
             service.batcher.submit(job)
@@ -167,8 +167,9 @@ def create_app(service: Service) -> FastAPI:
 # ---------------------------------------------------------------------- requests to jobs
 
 
-def _prompt_ids(service: Service, prompt: str) -> list[int]:
-    ids = service.tokenizer.encode(prompt)
+async def _prompt_ids(service: Service, prompt: str) -> list[int]:
+    # off the event loop: a long prompt takes a while to encode
+    ids = await asyncio.to_thread(service.tokenizer.encode, prompt)
     block = service.limits.block_size
     if not ids:
         raise ApiError(400, "prompt encodes to no tokens", "prompt")
