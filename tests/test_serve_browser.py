@@ -181,9 +181,7 @@ def test_playground_streams_a_completion_into_the_page(slow_server: str) -> None
         error = page.js("document.getElementById('error').textContent")
         if os.environ.get("INFINITO_SCREENSHOT"):  # for a person to look at the page
             shot = page.call("Page.captureScreenshot", format="png")["data"]
-            Path(os.environ["INFINITO_SCREENSHOT"]).write_bytes(
-                __import__("base64").b64decode(shot)
-            )
+            Path(os.environ["INFINITO_SCREENSHOT"]).write_bytes(base64.b64decode(shot))
     assert error == "" and prompt == "The history of"
     assert final and len(seen) >= 5, f"the text did not stream in pieces: {seen}"
     assert all(final.startswith(part) for part in seen)  # it grew, never rewrote
