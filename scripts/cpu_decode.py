@@ -22,9 +22,8 @@ from pathlib import Path
 import torch
 
 from infinito.benchmark import cpu_variants
-from infinito.model import checkpoint_config
 from infinito.config import BenchmarkConfig, ModelConfig
-from infinito.model import Infinito
+from infinito.model import Infinito, checkpoint_config
 
 
 def main(argv: list[str] | None = None) -> int:
