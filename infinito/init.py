@@ -256,12 +256,19 @@ def _folder_kind(init_from: str, path: Path) -> Literal["infinito", "gpt2"]:
     if not isinstance(config, dict):
         raise _fail(init_from, f"{config_path} is not a JSON object: {path} is {neither}")
     if "model_type" not in config:
-        from infinito.model import checkpoint_config
+        from infinito.model import WEIGHTS_FILE, checkpoint_config
 
+        if not (path / WEIGHTS_FILE).is_file():
+            raise _fail(
+                init_from, f"{path} has a config.json but no {WEIGHTS_FILE}: it is {neither}"
+            )
         try:
             checkpoint_config(path)
         except ConfigError as e:
-            raise _fail(init_from, f"{path} is {neither}: {e}") from e
+            raise _fail(
+                init_from,
+                f"{config_path} is not an INFINITO model config ({e}): {path} is {neither}",
+            ) from e
         return "infinito"
     if config["model_type"] != "gpt2":
         raise _fail(
