@@ -30,7 +30,7 @@ The rules:
 the Hub is unreachable or ``HF_HUB_OFFLINE`` is set, looked up in the local cache only),
 ``InitSource.check`` compares dimensions, ``InitSource.record`` is the manifest (sha256 of every
 file the weights are read from, the Hub revision), ``InitSource.build`` the initial model.
-``python -m infinito.init --out models/init_from.json`` is the init stage: DVC runs it at every
+``python -m infinito.init --out metrics/init_from.json`` is the init stage: DVC runs it at every
 ``dvc repro`` (``always_changed``) and re-runs training only when its manifest changes.
 """
 
@@ -169,8 +169,9 @@ class InitSource:
         if self.kind == SCRATCH:
             return "random weights (scratch)"
         what = "an INFINITO checkpoint" if self.kind == "infinito" else "GPT-2 weights"
-        at = f" at revision {self.revision}" if self.revision else ""
-        return f"{what} from {self.init_from}{at} ({self.folder})"
+        if self.revision is None:
+            return f"{what} in {self.folder}"
+        return f"{what} of the Hub's {self.init_from} at revision {self.revision} ({self.folder})"
 
     def build(self, model: ModelConfig) -> Infinito:
         """The initial model for ``model.*``, in training mode (seed torch's RNG first: fresh

@@ -25,9 +25,9 @@ the evaluate stage's non-overlapping protocol, with ``batch_size`` windows per m
 training memory is restored afterwards. The state is saved at each epoch end, every
 ``--save-every-sec`` seconds (default 300: a ``kill -9`` loses at most five minutes), on
 SIGINT/SIGTERM (exit 130/143) and at the end; rerunning the same command resumes it. A state
-from other params or data is refused naming the keys that differ (``--stale-state discard``,
-which DVC's command passes, starts fresh instead); a finished one is not retrained, its outputs
-are written again.
+from other params, data or initial weights (``train.init_from``, ``infinito/init.py``) is
+refused naming the keys that differ (``--stale-state discard``, which DVC's command passes,
+starts fresh instead); a finished one is not retrained, its outputs are written again.
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ from conftest import (
     TINY_PIPELINE,
     command_env,
     markov_tokens,
+    stage_paths,
     train_cli_args,
     train_outputs,
     write_tokenized,
@@ -388,7 +389,7 @@ def test_the_init_stage_writes_the_weights_sha256(gpt2: Path, tmp_path: Path) ->
 
     params_path = tmp_path / "params.yaml"
     params_path.write_text(yaml.safe_dump(apply_overrides(BASE, {"train.init_from": str(gpt2)})))
-    out = tmp_path / "models" / "init_from.json"
+    out = tmp_path / "metrics" / "init_from.json"
     assert init.main(["--params", str(params_path), "--out", str(out)]) == 0
     manifest = json.loads(out.read_text())
     digest = hashlib.sha256((gpt2 / "model.safetensors").read_bytes()).hexdigest()
@@ -611,7 +612,8 @@ def test_dvc_retrains_when_the_initial_weights_change_and_only_then(
     repo = dvc_repo(overrides={**TINY_PIPELINE, "train.init_from": str(folder)})
     out = run_cmd(["dvc", "repro", "train"], repo, env=ONE_THREAD).stdout
     assert ran_stages(out) == ["download", "tokenize", "init", "train"]
-    manifest = json.loads((repo / "models" / "init_from.json").read_text())
+    manifest_path = stage_paths("init")["--out"]  # dvc.yaml's, its one home
+    manifest = json.loads((repo / manifest_path).read_text())
     assert manifest["kind"] == "gpt2" and set(manifest["files"]) == {
         "config.json",
         "model.safetensors",
@@ -628,7 +630,7 @@ def test_dvc_retrains_when_the_initial_weights_change_and_only_then(
     save_gpt2(folder, seed=4, **gpt2_dims)
     run_cmd(["dvc", "repro", "init"], repo)
     status = json.loads(run_cmd(["dvc", "status", "train", "--json"], repo).stdout)
-    assert status == {"train": [{"changed deps": {"models/init_from.json": "modified"}}]}
+    assert status == {"train": [{"changed deps": {manifest_path: "modified"}}]}
     out = run_cmd(["dvc", "repro", "train"], repo, env=ONE_THREAD).stdout
     assert "Running stage 'train'" in out
     assert "discarding checkpoints/state.pt" in out and "init.files.model.safetensors" in out
