@@ -183,9 +183,13 @@ class InitSource:
             return Infinito(model)
         assert self.folder is not None
         if self.kind == "gpt2":
+            from infinito.interop import InteropError
             from infinito.interop.hf import infinito_from_gpt2, load_gpt2
 
-            return infinito_from_gpt2(load_gpt2(self.folder), **model.to_dict()).train()
+            try:
+                return infinito_from_gpt2(load_gpt2(self.folder), **model.to_dict()).train()
+            except InteropError as e:  # e.g. damaged weights
+                raise _fail(self.init_from, str(e)) from e
         return _from_checkpoint(Infinito.from_checkpoint(self.folder), Infinito(model))
 
 

@@ -541,6 +541,12 @@ def test_a_gpt2_that_infinito_cannot_compute_is_an_error(tmp_path: Path) -> None
         resolve(str(folder)).check(params().model)
 
 
+def test_damaged_gpt2_weights_are_an_error_naming_the_start(gpt2: Path) -> None:
+    (gpt2 / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(InitError, match=r"train.init_from=.*: cannot load a GPT-2 from"):
+        resolve(str(gpt2)).build(params().model)
+
+
 def test_contradicting_dimensions_name_both_values_and_the_overrides(gpt2: Path) -> None:
     wrong = params({"model.d_model": 48, "model.n_head": 4, "model.block_size": 64}).model
     with pytest.raises(
