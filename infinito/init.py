@@ -72,9 +72,9 @@ HUB_FILES = [
 OFFLINE_STARTS = (
     "Offline starts: a GPT-2 folder written by save_pretrained (on a machine with network: "
     "python -c \"from transformers import GPT2LMHeadModel as M; M.from_pretrained('gpt2')"
-    ".save_pretrained('gpt2-local')\", copy the folder here, then -S train.init_from=gpt2-local), "
-    "an INFINITO checkpoint folder (models/best of another run, or infinito export's folder), "
-    "or train.init_from=scratch"
+    ".save_pretrained('pretrained/gpt2')\", copy the folder here, then "
+    "-S train.init_from=pretrained/gpt2), an INFINITO checkpoint folder (models/best of another "
+    "run, or infinito export's folder), or train.init_from=scratch (docs/finetuning.md)"
 )
 
 

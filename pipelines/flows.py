@@ -283,7 +283,7 @@ def record_experiment(repo: Path, name: str | None, set_args: list[str]) -> str:
         args += ["-S", s]
     out = dvc(repo, *args)
     stages = read_yaml(repo / "dvc.yaml")["stages"]
-    always = [f"Running stage '{name}'" for name, s in stages.items() if s.get("always_changed")]
+    always = [f"Running stage '{st}'" for st, spec in stages.items() if spec.get("always_changed")]
     reran = [
         line
         for line in out.splitlines()
