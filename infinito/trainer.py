@@ -505,7 +505,13 @@ class Trainer:
         return True
 
     def close(self) -> None:
-        """Always, even after an error: end the progress bar, wait for a save in flight."""
+        """Always, even after an error: end the progress bar, wait for a save in flight, and
+        let go of DistributedDataParallel while its process group is still alive."""
         self.progress.end_epoch()
         with contextlib.suppress(Exception):  # a failing save must not mask the real error
             self.saver.wait()
+        # Freed after destroy_process_group, DDP's reducer would drop the last reference to the
+        # gloo group while holding the GIL, and the group's destructor joins worker threads that
+        # may need the GIL to free a finished broadcast's tensors: a hang at exit.
+        self.ddp = None
+        self.plain = self.forward = self.model
