@@ -289,8 +289,17 @@ class TrainConfig(Section):
     log_every: int = 50
     nproc_per_node: int = 1
     micro_batch_size: int | None = None  # windows per forward pass per process; None: whole share
+    init_from: str = "scratch"  # scratch | an INFINITO checkpoint folder | a GPT-2 folder or Hub id
 
     def __post_init__(self) -> None:
+        _check(
+            bool(self.init_from.strip()) and self.init_from == self.init_from.strip(),
+            "train.init_from",
+            self.init_from,
+            "must be 'scratch', a folder (an INFINITO checkpoint or a transformers GPT-2 "
+            "save_pretrained folder) or a Hugging Face Hub id such as gpt2, without spaces "
+            "around it",
+        )
         _check(self.warmup_steps >= 0, "train.warmup_steps", self.warmup_steps, "must be >= 0")
         _check(
             0.0 <= self.min_lr_ratio <= 1.0,

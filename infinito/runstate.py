@@ -20,7 +20,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -35,6 +35,9 @@ from infinito.checkpoint import (
     to_cpu,
 )
 from infinito.config import ConfigError, Params
+
+if TYPE_CHECKING:
+    from infinito.init import InitSource
 
 # The train stage's log: one logger for all its lines, wherever the code lives.
 log = logging.getLogger("infinito.train")
@@ -122,8 +125,9 @@ class Loop:
         return cls(acc=acc, **data)
 
 
-def fingerprint_inputs(params: Params, data_dir: Path) -> dict[str, Any]:
-    """What shapes the run: the train stage's params (minus hardware/display keys) and the data."""
+def fingerprint_inputs(params: Params, data_dir: Path, init: dict[str, Any]) -> dict[str, Any]:
+    """What shapes the run: the train stage's params (minus hardware/display keys), the data,
+    and what it started from (``InitSource.record()``: the weights' sha256, a Hub revision)."""
     train = {k: v for k, v in params.train.to_dict().items() if k not in FINGERPRINT_EXCLUDED}
     return {
         "epochs": params.epochs,
@@ -137,6 +141,7 @@ def fingerprint_inputs(params: Params, data_dir: Path) -> dict[str, Any]:
             **{s: file_digest(Path(data_dir) / f"{s}.bin") for s in ("train", "validation")},
         },
         "train": train,
+        "init": init,
     }
 
 
@@ -172,7 +177,12 @@ def previous_state(
 
 
 def shared_previous_state(
-    d: distributed.Dist, params: Params, data_dir: Path, state_dir: Path, stale_state: str
+    d: distributed.Dist,
+    params: Params,
+    data_dir: Path,
+    state_dir: Path,
+    stale_state: str,
+    init: InitSource,
 ) -> tuple[dict[str, Any] | None, str, dict[str, Any]]:
     """``previous_state`` decided by rank 0 (which owns the files) and shared with every process.
 
@@ -183,7 +193,7 @@ def shared_previous_state(
     fp = ""
     state, error = None, None
     if d.is_main:
-        fp_inputs = fingerprint_inputs(params, data_dir)
+        fp_inputs = fingerprint_inputs(params, data_dir, init.record())
         fp = fingerprint(fp_inputs)
         for tmp in state_dir.glob(f".{STATE_FILE}.*.tmp"):  # a save cut short by kill -9
             tmp.unlink()

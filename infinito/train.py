@@ -25,9 +25,9 @@ the evaluate stage's non-overlapping protocol, with ``batch_size`` windows per m
 training memory is restored afterwards. The state is saved at each epoch end, every
 ``--save-every-sec`` seconds (default 300: a ``kill -9`` loses at most five minutes), on
 SIGINT/SIGTERM (exit 130/143) and at the end; rerunning the same command resumes it. A state
-from other params or data is refused naming the keys that differ (``--stale-state discard``,
-which DVC's command passes, starts fresh instead); a finished one is not retrained, its outputs
-are written again.
+from other params, data or initial weights (``train.init_from``, ``infinito/init.py``) is
+refused naming the keys that differ (``--stale-state discard``, which DVC's command passes,
+starts fresh instead); a finished one is not retrained, its outputs are written again.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from typing import Any
 from infinito import distributed
 from infinito.batches import TrainData, epoch_order, step_layout
 from infinito.config import PARAMS_FILE, ConfigError, Params, load_params
+from infinito.init import resolve as resolve_init
 from infinito.optim import LRFactor, build_optimizer, build_schedulers
 from infinito.runstate import STATE_FILE, Loop, shared_previous_state, stop_on_signals
 from infinito.trainer import NonFiniteLoss, Trainer, TrainingInterrupted
@@ -96,6 +97,8 @@ def train(
             "launches them, or your own torchrun command (docs/scaling.md); or set "
             "train.nproc_per_node: 1"
         )
+    start = resolve_init(tc.init_from)  # a bad start fails here, before any work
+    start.check(params.model)
     data = TrainData.open(data_dir, params)
     layout = step_layout(
         params.batch_size, distributed.env_world(), distributed.env_rank(), tc.micro_batch_size
@@ -107,7 +110,9 @@ def train(
 
     with distributed.process_group(tc.device) as dist:
         # rank 0 owns the files and decides; every process gets its decision and state
-        state, fp, fp_inputs = shared_previous_state(dist, params, data_dir, state_dir, stale_state)
+        state, fp, fp_inputs = shared_previous_state(
+            dist, params, data_dir, state_dir, stale_state, start
+        )
         if state is not None and state["loop"]["complete"]:
             done = Loop.from_dict(state["loop"])
             if not dist.is_main:
@@ -132,6 +137,7 @@ def train(
             state_dir,
             save_every_sec,
             started,
+            start,
         )
         del state  # restored into the trainer; the copy would only hold memory
         try:

@@ -40,6 +40,7 @@ from infinito import distributed
 from infinito.batches import StepLayout, TrainData, epoch_order, load_windows
 from infinito.checkpoint import AsyncSaver, portable_rng_state, restore_rng_state
 from infinito.config import Params
+from infinito.init import InitSource
 from infinito.optim import build_optimizer, build_schedulers
 from infinito.runstate import STATE_FILE, Accumulator, Loop, restore, snapshot
 from infinito.runtime import autocast, compile_mode, resolve_dtype, seed_everything
@@ -80,10 +81,11 @@ class Trainer:
         state_dir: Path,
         save_every_sec: float,
         started: float,
+        init: InitSource,
     ) -> None:
-        """Build the session; ``state`` (None: a fresh run) is restored into it."""
-        from infinito.model import Infinito
-
+        """Build the session from ``init``'s weights; ``state`` (None: a fresh run) is restored
+        into it."""
+        self.init = init
         self.params, self.tc, self.data, self.dist = params, params.train, data, dist
         self.layout, self.total_steps, self.fingerprint = layout, total_steps, fingerprint
         self.state_path, self.best_dir = state_dir / STATE_FILE, state_dir / "best"
@@ -93,7 +95,7 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         seed_everything(params.seed)
-        self.model = Infinito(params.model).to(device)
+        self.model = init.build(params.model).to(device)
         self.optimizer = build_optimizer(self.model, params, device)
         self.scheduler, self.plateau = build_schedulers(self.optimizer, params, total_steps)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
@@ -128,7 +130,8 @@ class Trainer:
         params, dist = self.params, self.dist
         if state is None:
             log.info(
-                "starting a fresh run: %d steps/epoch x %d epochs%s on %s (%s)%s",
+                "starting a fresh run from %s: %d steps/epoch x %d epochs%s on %s (%s)%s",
+                self.init.describe(),
                 self.data.steps_per_epoch,
                 params.epochs,
                 f", stopping at step {self.tc.max_steps}" if self.tc.max_steps else "",
@@ -481,24 +484,33 @@ class Trainer:
             )
         loop.eval_seconds += time.perf_counter() - t0
         loop.wall_seconds = self.wall_before + time.perf_counter() - self.started
-        loop.final_metrics = final_metrics(
-            params,
-            self.model,
-            loop,
-            train_sub,
-            self.device,
-            self.dtype,
-            data.steps_per_epoch,
-            self.compiled,
-            dist.world,
-        )
+        loop.final_metrics = {
+            **final_metrics(
+                params,
+                self.model,
+                loop,
+                train_sub,
+                self.device,
+                self.dtype,
+                data.steps_per_epoch,
+                self.compiled,
+                dist.world,
+            ),
+            **self.init.metrics(),  # what the run started from
+        }
         loop.complete = True
         self.saver.save(self.snapshot(), self.state_path)
         self.saver.wait()
         return True
 
     def close(self) -> None:
-        """Always, even after an error: end the progress bar, wait for a save in flight."""
+        """Always, even after an error: end the progress bar, wait for a save in flight, and
+        let go of DistributedDataParallel while its process group is still alive."""
         self.progress.end_epoch()
         with contextlib.suppress(Exception):  # a failing save must not mask the real error
             self.saver.wait()
+        # Freed after destroy_process_group, DDP's reducer would drop the last reference to the
+        # gloo group while holding the GIL, and the group's destructor joins worker threads that
+        # may need the GIL to free a finished broadcast's tensors: a hang at exit.
+        self.ddp = None
+        self.plain = self.forward = self.model

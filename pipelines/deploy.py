@@ -109,7 +109,7 @@ def deploy(
         else [Cron(cron or DEFAULT_CRON, timezone=timezone, slug=SCHEDULE_SLUG)],
         parameters={},
         description=(
-            "The seed configuration (committed params.yaml) through all six DVC stages. "
+            "The seed configuration (committed params.yaml) through all seven DVC stages. "
             'Pass overrides such as {"lr": 0.0001, "model.iit": false} and an experiment name '
             "to record a DVC experiment."
         ),

@@ -49,6 +49,7 @@ from infinito.config import (
 STAGES: tuple[str, ...] = (
     "download",
     "tokenize",
+    "init",
     "train",
     "evaluate",
     "generate-samples",
@@ -272,7 +273,8 @@ STAGE_TASKS: dict[str, Any] = {stage: _stage_task(stage) for stage in STAGES}
 def record_experiment(repo: Path, name: str | None, set_args: list[str]) -> str:
     """Commit the finished workspace as a DVC experiment with ``dvc exp run -n NAME -S ...``.
 
-    Every stage is already up to date, so DVC only records; returns the experiment's name.
+    Every stage is already up to date (init, always_changed, re-runs and finds its manifest
+    unchanged), so DVC only records; returns the experiment's name.
     """
     args = ["exp", "run"]
     if name:
@@ -280,7 +282,13 @@ def record_experiment(repo: Path, name: str | None, set_args: list[str]) -> str:
     for s in set_args:
         args += ["-S", s]
     out = dvc(repo, *args)
-    reran = [line for line in out.splitlines() if line.startswith("Running stage")]
+    stages = read_yaml(repo / "dvc.yaml")["stages"]
+    always = [f"Running stage '{st}'" for st, spec in stages.items() if spec.get("always_changed")]
+    reran = [
+        line
+        for line in out.splitlines()
+        if line.startswith("Running stage") and not line.startswith(tuple(always))
+    ]
     if reran:
         # The stages ran moments ago with these params, so this points at a changed dependency.
         get_run_logger().warning("dvc exp run re-ran stages while recording: %s", reran)
@@ -426,7 +434,7 @@ def infinito_pipeline(
     baseline: str = "HEAD",
     repo: str | None = None,
 ) -> dict[str, Any]:
-    """Run the six DVC stages in order; record a DVC experiment when given overrides or a name.
+    """Run the DVC stages in order; record a DVC experiment when given overrides or a name.
 
     Args:
         overrides: params.yaml overrides by dotted key, e.g. ``{"lr": 1e-4, "model.iit": false}``.

@@ -292,6 +292,15 @@ def pipeline_repo(reproduced_repo: Path, tmp_path: Path) -> Path:
 
 _PREFECT_HOME = pytest.StashKey[Path]()
 
+# dvc.yaml's always_changed stages (init): every `dvc repro` runs them, and `dvc status` lists
+# them even when everything is up to date. Their outputs stay the same, so nothing after re-runs.
+ALWAYS_CHANGED = tuple(
+    name
+    for name, stage in config.read_yaml(REPO_ROOT / "dvc.yaml")["stages"].items()
+    if stage.get("always_changed")
+)
+UP_TO_DATE_STATUS = {name: ["always changed"] for name in ALWAYS_CHANGED}  # dvc status --json
+
 
 def stage_paths(stage: str) -> dict[str, str]:
     """The ``--option path`` pairs of a dvc.yaml stage's command: the paths' one home."""

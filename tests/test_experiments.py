@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import copy_repo
+from conftest import ALWAYS_CHANGED, UP_TO_DATE_STATUS, copy_repo
 
 from infinito.config import load_params
 
@@ -41,13 +41,13 @@ def lr_run(repo: Path, run_cmd: Callable) -> str:
 
 def test_repro_of_the_committed_baseline_is_up_to_date(repo: Path, run_cmd: Callable) -> None:
     out = run_cmd(["dvc", "repro"], repo).stdout
-    assert ran_stages(out) == []
-    assert "didn't change, skipping" in out
-    assert "up to date" in run_cmd(["dvc", "status"], repo).stdout
+    assert ran_stages(out) == list(ALWAYS_CHANGED)  # init re-checks the start, nothing follows
+    assert "Stage 'train' didn't change, skipping" in out
+    assert json.loads(run_cmd(["dvc", "status", "--json"], repo).stdout) == UP_TO_DATE_STATUS
 
 
 def test_exp_run_lr_reruns_train_and_downstream_only(repo: Path, lr_run: str) -> None:
-    assert ran_stages(lr_run) == DOWNSTREAM_OF_TRAIN
+    assert ran_stages(lr_run) == [*ALWAYS_CHANGED, *DOWNSTREAM_OF_TRAIN]
     assert "Stage 'download' didn't change, skipping" in lr_run
     assert "Stage 'tokenize' didn't change, skipping" in lr_run
     assert "Ran experiment(s): lr-1e-3" in lr_run
@@ -116,8 +116,9 @@ def test_queued_sweep_runs_every_combination(
     for name in sweep:
         assert re.search(rf"{re.escape(name)}\s.*Success", status), status
         log = run_cmd(["dvc", "queue", "logs", name], repo).stdout
-        # Only the stage that reads generate.* re-runs, even in the queue's clean copies.
-        assert ran_stages(log) == ["generate-samples"], log
+        # Only the stage that reads generate.* re-runs (and init, which always re-checks the
+        # start), even in the queue's clean copies.
+        assert ran_stages(log) == [*ALWAYS_CHANGED, "generate-samples"], log
     shown = json.loads(run_cmd(["dvc", "exp", "show", "--json"], repo).stdout)
     temps = {}
     for exp in shown[1]["experiments"]:

@@ -78,7 +78,7 @@ def test_quickstart_in_a_fresh_clone(tmp_path: Path, run_cmd: Callable) -> None:
 
     ran = re.findall(r"Running stage '([^']+)'", out)
     spec = yaml.safe_load((clone / "dvc.yaml").read_text())
-    assert ran == list(spec["stages"])  # all six, in order
+    assert ran == list(spec["stages"])  # all seven, in order
     # It ends by pointing at the metrics, the samples and the plots, which exist.
     tail = out.strip().splitlines()[-8:]
     pointers = {

@@ -80,6 +80,7 @@ TRAIN_KEYS = {
     "tokens_trained",
     "early_stopped",
     "compiled",
+    "init_from",
 }
 IIT_KEYS = {
     "iit_phi_mean",

@@ -36,19 +36,17 @@ import argparse
 import contextlib
 import hashlib
 import sys
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from infinito import hub
 from infinito.atomic import atomic_dir, write_json
 from infinito.config import SPLITS, WIKITEXT_SOURCES, ConfigError, DataConfig, load_params
 from infinito.data import DataError
 
 BUILTIN = "builtin"
 HUB_DATASET = "Salesforce/wikitext"
-HUB_PROBE_TIMEOUT_S = 5.0  # a reachable Hub answers well within this; an unreachable one fails fast
 LOCAL_SPLIT_FILES = {
     "train": ("train.txt", "wiki.train.tokens", "wiki.train.raw"),
     "validation": ("valid.txt", "validation.txt", "wiki.valid.tokens", "wiki.valid.raw"),
@@ -227,16 +225,9 @@ def _write_builtin(writers: dict[str, _SplitWriter], fractions: tuple[float, ...
 # --- WikiText through Hugging Face datasets -------------------------------------------------
 
 
-def _hub_reachable(endpoint: str, timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
-    """One quick request to the Hub: any HTTP answer means reachable; no answer means not."""
-    url = f"{endpoint.rstrip('/')}/api/datasets/{HUB_DATASET}"
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout):
-            return True
-    except urllib.error.HTTPError:
-        return True  # the server answered (even 401/404/5xx): the network works
-    except (urllib.error.URLError, OSError, ValueError):
-        return False
+def _hub_reachable(endpoint: str, timeout: float = hub.PROBE_TIMEOUT_S) -> bool:
+    """Whether the Hub at ``endpoint`` answers a request for the WikiText dataset."""
+    return hub.reachable(f"{endpoint.rstrip('/')}/api/datasets/{HUB_DATASET}", timeout)
 
 
 @contextlib.contextmanager

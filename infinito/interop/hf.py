@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import Tensor
 from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
 
@@ -233,7 +234,7 @@ def load_gpt2(source: str | Path, revision: str | None = None) -> GPT2LMHeadMode
     """
     try:
         hf = GPT2LMHeadModel.from_pretrained(str(source), revision=revision)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:  # missing, unreadable or damaged
         raise InteropError(
             f"cannot load a GPT-2 from {source!r} ({type(e).__name__}: {e}); give a folder "
             "written by save_pretrained or a Hub id such as gpt2 (with network access)"
