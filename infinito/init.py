@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 
 SCRATCH = "scratch"
 CONFIG_FILE = "config.json"  # INFINITO's checkpoints and transformers' folders alike
-# ModelConfig field -> GPT2Config field (infinito.interop.hf.DIMENSIONS): what the weights fix.
+# ModelConfig field -> GPT2Config field (infinito.interop.gpt2.DIMENSIONS): what the weights fix.
 DIMENSIONS = ("vocab_size", "d_model", "n_layer", "n_head", "block_size")
 # GPT-2 weights in the order transformers prefers them: a single file, or an index of shards.
 GPT2_WEIGHTS = (
@@ -115,8 +115,8 @@ class InitSource:
             cfg = checkpoint_config(self.folder)
             return {key: getattr(cfg, key) for key in DIMENSIONS}
         from infinito.interop import InteropError
-        from infinito.interop.hf import DIMENSIONS as GPT2_FIELDS
-        from infinito.interop.hf import check_gpt2_config
+        from infinito.interop.gpt2 import DIMENSIONS as GPT2_FIELDS
+        from infinito.interop.gpt2 import check_gpt2_config
 
         hf = _gpt2_config(self.folder)
         try:
@@ -184,7 +184,7 @@ class InitSource:
         assert self.folder is not None
         if self.kind == "gpt2":
             from infinito.interop import InteropError
-            from infinito.interop.hf import infinito_from_gpt2, load_gpt2
+            from infinito.interop.gpt2 import infinito_from_gpt2, load_gpt2
 
             try:
                 return infinito_from_gpt2(load_gpt2(self.folder), **model.to_dict()).train()

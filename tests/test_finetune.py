@@ -594,7 +594,7 @@ def test_init_from_must_be_a_name_without_spaces_around_it(value: str) -> None:
 
 
 def test_the_dimension_keys_are_the_gpt2_mappings() -> None:
-    from infinito.interop.hf import DIMENSIONS
+    from infinito.interop.gpt2 import DIMENSIONS
 
     assert tuple(DIMENSIONS) == init.DIMENSIONS
 

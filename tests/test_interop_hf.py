@@ -18,16 +18,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LM
 from infinito.config import ConfigError, ModelConfig, Params
 from infinito.data.tokenize import load_tokenizer
 from infinito.interop import InteropError
-from infinito.interop.hf import (
-    config_from_gpt2,
-    export_gpt2,
-    export_infinito,
-    export_model,
-    gpt2_to_infinito,
-    infinito_from_gpt2,
-    push_folder,
-    to_gpt2,
-)
+from infinito.interop.gpt2 import config_from_gpt2, gpt2_to_infinito, infinito_from_gpt2, to_gpt2
+from infinito.interop.hf import export_gpt2, export_infinito, export_model, push_folder
 from infinito.interop.model_card import model_card
 from infinito.model import CheckpointError, Infinito
 

@@ -1,6 +1,7 @@
 """INFINITO outside this repository: transformers / Hub folders, lm-evaluation-harness, model cards.
 
-- ``hf``: the GPT-2 weight mapping both ways, the export folders and the Hub upload;
+- ``gpt2``: the GPT-2 weight mapping both ways (export, and the train stage's ``train.init_from``);
+- ``hf``: the export folders and the Hub upload;
 - ``model_card``: the README.md written into an export folder;
 - ``lm_eval``: INFINITO as an lm-evaluation-harness model (``--model infinito``).
 

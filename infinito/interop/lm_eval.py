@@ -87,7 +87,7 @@ def continuation_windows(
 def _load(pretrained: str | Path, revision: str | None) -> Infinito:
     """An INFINITO checkpoint or Hub repo; a transformers GPT-2 folder or id becomes an ablation."""
     if backend_for(pretrained, revision) == "hf":
-        from infinito.interop.hf import infinito_from_gpt2
+        from infinito.interop.gpt2 import infinito_from_gpt2
 
         return infinito_from_gpt2(str(pretrained), revision=revision, iit=False)
     return Infinito.from_pretrained(str(pretrained), revision=revision)
