@@ -209,16 +209,21 @@ class Infinito(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
-    def forward(self, idx: Tensor, targets: Tensor | None = None) -> ModelOutput:
-        """idx (B, T) token ids, T <= block_size; targets (B, T) or None. See ``ModelOutput``."""
+    def forward(
+        self, idx: Tensor, targets: Tensor | None = None, memory_rows: Tensor | None = None
+    ) -> ModelOutput:
+        """idx (B, T) token ids, T <= block_size; targets (B, T) or None; memory_rows (B,) the
+        stream memory's row of each batch row (``memory_scope: stream``; None: rows 0..B-1;
+        ignored by the shared memory). See ``ModelOutput``."""
         self._check_input(idx, targets)
+        rows = None if self.memory is None else self.memory.read_rows(idx.shape[0], memory_rows)
         x0 = self._embed(idx, start=0)  # (B, T, D)
         x = self.transformer.drop(x0)
         mid, slot_mass, qk = x, None, []
         for i, block in enumerate(self.transformer.h):
             if i == self.memory_layer:
                 mid = x
-                x, slot_mass = self._memory_point(x)
+                x, slot_mass = self._memory_point(x, rows)
             x, q, k = block(x)
             qk.append((q, k))
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, V)
@@ -229,14 +234,14 @@ class Infinito(nn.Module):
                 targets.reshape(-1).long(),
                 ignore_index=IGNORE_INDEX,
             )
-        aux, stats, candidates = self._iit(x0, x, mid, slot_mass, qk[0], qk[-1])
+        aux, stats, candidates = self._iit(x0, x, mid, slot_mass, rows, qk[0], qk[-1])
         return ModelOutput(logits, loss, aux, stats, candidates)
 
     def _embed(self, idx: Tensor, start: int) -> Tensor:
         pos = torch.arange(start, start + idx.shape[1], device=idx.device)  # (T,)
         return self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, D)
 
-    def _memory_point(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+    def _memory_point(self, x: Tensor, rows: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """Middle of the network: add the memory read, then exploration noise (training only).
 
         The middle because the lower half has built contextual states to query with and the
@@ -245,7 +250,7 @@ class Infinito(nn.Module):
         """
         slot_mass = None
         if self.memory is not None and self._reads_enabled:
-            read, slot_mass = self.memory(x)
+            read, slot_mass = self.memory(x, rows)
             x = x + self.transformer.drop(read)
         if self.noise is not None:
             x = self.noise(x)
@@ -257,6 +262,7 @@ class Infinito(nn.Module):
         h: Tensor,
         mid: Tensor,
         slot_mass: Tensor | None,
+        rows: Tensor | None,
         qk_first: tuple[Tensor, Tensor],
         qk_last: tuple[Tensor, Tensor],
     ) -> tuple[Tensor, dict[str, Tensor], MemoryCandidates | None]:
@@ -291,14 +297,16 @@ class Infinito(nn.Module):
         if self.memory is None:
             return aux, stats, None
         stats["candidate_phi_mean"] = stats["phi_mean"]
-        ends = mid[:, C - 1 : n * C : C]  # (B, n, D): each chunk's last state
-        means = mid[:, : n * C].reshape(B, n, C, D).mean(2)  # (B, n, D)
-        candidates = MemoryCandidates(
-            keys=ends.detach().reshape(B * n, D),
-            values=means.detach().reshape(B * n, D),
-            phi=phi.detach().float().reshape(B * n),
-            slot_mass=slot_mass,
-        )
+        ends = mid[:, C - 1 : n * C : C].detach()  # (B, n, D): each chunk's last state
+        means = mid[:, : n * C].detach().reshape(B, n, C, D).mean(2)  # (B, n, D)
+        phi = phi.detach().float()  # (B, n)
+        if rows is None:  # the shared memory: one group of every row's chunks
+            ends, means, phi = (
+                ends.reshape(1, B * n, D),
+                means.reshape(1, B * n, D),
+                phi.view(1, -1),
+            )
+        candidates = MemoryCandidates(ends, means, phi, slot_mass, rows)
         return aux, stats, candidates
 
     def _check_input(self, idx: Tensor, targets: Tensor | None) -> None:
@@ -329,16 +337,28 @@ class Infinito(nn.Module):
     def write_memory(self, candidates: MemoryCandidates | None) -> dict[str, Tensor]:
         """Write one forward pass's candidates (after the pass); {} when memory is off or None.
 
-        The statistics (candidates, writes, evictions, memory_utilisation, stored_phi_mean,
-        candidate_phi_mean) are 0-dim tensors on the model's device: reading them is left to
-        the caller, so a training step needs no host synchronisation here."""
+        The statistics (``candidates``, ``writes``, ``evictions``, ``memory_accepted_fraction``,
+        ``memory_written_fraction``, ``memory_evicted_age``, the ``memory_{accepted,rejected}
+        _phi_p{10,50,90}`` percentiles, ``memory_utilisation``, ``stored_phi_mean``,
+        ``candidate_phi_mean``, ``threshold``; see ``IITGuidedMemory.write``) are 0-dim tensors
+        on the model's device, NaN where there was nothing to measure (no evictions, no
+        rejected candidates): reading them is left to the caller, so a training step needs no
+        host synchronisation here."""
         if self.memory is None or candidates is None:
             return {}
         return self.memory.write(candidates, self.config.phi_priority_weight)
 
-    def reset_memory(self) -> None:
+    def reset_memory(self, rows: int | None = None) -> None:
+        """Empty the memory. ``rows``: with ``memory_scope: stream``, one memory for each of
+        that many streams (batch rows); the shared memory ignores it (one memory for all)."""
         if self.memory is not None:
-            self.memory.reset()
+            self.memory.reset(rows)
+
+    def clear_memory_rows(self, rows: Tensor) -> None:
+        """Empty the stream memories where ``rows`` (R,) bool is True (a stream starts a new
+        document); no host synchronisation. The shared memory has one row."""
+        if self.memory is not None:
+            self.memory.clear(rows)
 
     @contextlib.contextmanager
     def memory_reads_disabled(self) -> Iterator[None]:
@@ -350,7 +370,7 @@ class Infinito(nn.Module):
             self._reads_enabled = previous
 
     def memory_stats(self) -> dict[str, float]:
-        """utilisation, stored_phi_mean, threshold; {} without memory."""
+        """memory_utilisation, stored_phi_mean, threshold; {} without memory."""
         return {} if self.memory is None else self.memory.stats()
 
     @torch.no_grad()
@@ -430,9 +450,10 @@ class Infinito(nn.Module):
     def _decode(self, tokens: Tensor, start: int, caches: list[LayerCache] | None) -> Tensor:
         """Logits (B, V) of the last of ``tokens``, which sit at positions start.. onward."""
         x = self._embed(tokens, start)  # (B, T, D)
+        rows = None if self.memory is None else self.memory.read_rows(tokens.shape[0], None)
         for i, block in enumerate(self.transformer.h):
             if i == self.memory_layer:
-                x, _ = self._memory_point(x)
+                x, _ = self._memory_point(x, rows)
             x, _, _ = block(x, None if caches is None else caches[i])
         return self.lm_head(self.transformer.ln_f(x[:, -1]))  # (B, V)
 
