@@ -415,18 +415,14 @@ class IITGuidedMemory(nn.Module):
         """
         G, N = cand.phi.shape
         rows = cand.rows
-        if rows is None and G != self.rows:
-            raise ValueError(f"{G} candidate groups without rows for a memory of {self.rows} rows")
+        if rows is None and self.rows != G:
+            raise ValueError(f"{G} candidate groups without rows for {self.rows} memory rows")
 
         def of_rows(buffer: Tensor) -> Tensor:  # (G, S, ...)
             return buffer if rows is None else buffer.index_select(0, rows)
 
-        valid, usage, age, slot_phi = (
-            of_rows(self.valid),
-            of_rows(self.usage),
-            of_rows(self.age),
-            of_rows(self.phi),
-        )
+        valid, usage, age = of_rows(self.valid), of_rows(self.usage), of_rows(self.age)
+        slot_phi = of_rows(self.phi)
         phi = cand.phi.to(self.phi)
         self._update_phi_stats(phi)
         accepted = phi > self.threshold.detach()  # (G, N)
@@ -439,16 +435,14 @@ class IITGuidedMemory(nn.Module):
 
         K = min(N, self.write_budget)
         ranked = torch.where(accepted, phi, torch.full_like(phi, -math.inf))
-        source = ranked.argsort(dim=-1, descending=True, stable=True)[
-            :, :K
-        ]  # (G, K) accepted first
+        # (G, K): the accepted candidates first, highest PHI first
+        source = ranked.argsort(dim=-1, descending=True, stable=True)[:, :K]
         take = accepted.gather(1, source)  # (G, K) a prefix of True: the accepted candidates
 
         priority = priority_weight * slot_phi / PHI_SCALE + (1 - priority_weight) * usage
         order = age.argsort(dim=-1, descending=True, stable=True)  # oldest first ...
-        order = order.gather(
-            1, priority.gather(1, order).argsort(dim=-1, stable=True)
-        )  # ... by priority
+        by_priority = priority.gather(1, order).argsort(dim=-1, stable=True)
+        order = order.gather(1, by_priority)  # ... within equal priority
         free_first = valid.gather(1, order).to(torch.uint8).argsort(dim=-1, stable=True)
         slots = order.gather(1, free_first)[:, :K]  # (G, K) distinct slots, paired with source
         evicted = valid.gather(1, slots) & take  # (G, K)
@@ -462,7 +456,8 @@ class IITGuidedMemory(nn.Module):
             return buffer.scatter(1, index, torch.where(take.view(G, K, *tail), new, keep))
 
         def pick(x: Tensor) -> Tensor:  # (G, N, ...) -> (G, K, ...), the ranked candidates
-            return x.gather(1, source.view(G, K, *([1] * (x.dim() - 2))).expand(G, K, *x.shape[2:]))
+            index = source.view(G, K, *([1] * (x.dim() - 2))).expand(G, K, *x.shape[2:])
+            return x.gather(1, index)
 
         self._store("keys", put(of_rows(self.keys), pick(cand.keys)), rows)
         self._store("values", put(of_rows(self.values), pick(cand.values)), rows)

@@ -21,12 +21,17 @@ With ``config.iit`` (see ``infinito/iit.py`` for the parts and their formulas):
   detached: the loss moves the processing, not the embeddings;
 - each forward pass returns memory-write candidates (chunk summaries with their PHI); the
   caller applies them with ``write_memory`` after the pass, so a write is visible only from the
-  next call.
+  next call;
+- ``memory_scope: shared`` (the seed's) keeps one memory that every batch row reads and every
+  chunk is offered to; ``stream`` keeps one memory per stream (batch row): row b reads and
+  writes memory row ``memory_rows[b]`` only (``reset_memory(rows=R)`` sizes it,
+  ``clear_memory_rows`` empties single streams at document boundaries).
 
 Causality: the logits at position t depend only on tokens <= t of the same sequence and on the
-memory as it was when the call started. ``iit=False`` is the ablation: the same backbone, with
-parameters identical to the IIT model's at the same seed (the backbone is built and initialised
-before any IIT part).
+memory as it was when the call started; with stream memories, also only on the row's own
+memory, so one row's tokens never reach another row's logits. ``iit=False`` is the ablation:
+the same backbone, with parameters identical to the IIT model's at the same seed (the backbone
+is built and initialised before any IIT part), and no memory whatever ``memory_scope`` says.
 """
 
 from __future__ import annotations
@@ -409,7 +414,8 @@ class Infinito(nn.Module):
         and values are cached while the sequence fits in block_size; beyond it every step
         recomputes the cropped window, because positions are absolute and a shifted window
         invalidates the cache. The model runs in eval mode (deterministic); the memory is read
-        but not written.
+        but not written. With stream memories, row b reads memory row b (its own past): the
+        memory needs at least B rows (``reset_memory(rows=B)`` gives B empty ones).
         """
         self._check_generate_args(
             idx, max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos_token_id
