@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from infinito.config import ConfigError, Params
-from infinito.evaluate import (
+from infinito.data.splits import (
     Window,
     check_vocab,
     nonoverlapping_windows,
@@ -53,7 +53,12 @@ class TrainData:
     def open(cls, data_dir: Path, params: Params) -> TrainData:
         """Open and check ``data_dir`` for ``params``; a clear ConfigError names what is wrong."""
         meta = read_meta(data_dir)
-        check_vocab(params.model.vocab_size, meta, data_dir)
+        check_vocab(
+            params.model.vocab_size,
+            meta["vocab_size"],
+            "the model the params describe",
+            f"the tokenizer in {Path(data_dir) / 'meta.json'}",
+        )
         seq_len, batch_size = params.data.seq_len, params.batch_size
         train = open_split(data_dir, "train", meta)
         val = open_split(data_dir, "validation", meta)

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
-import json
 import resource
 import statistics
 import sys
@@ -48,7 +47,7 @@ import numpy as np
 import torch
 
 from infinito.atomic import write_json
-from infinito.config import BenchmarkConfig, ConfigError, ModelConfig, load_params
+from infinito.config import PARAMS_FILE, BenchmarkConfig, ConfigError, ModelConfig, load_params
 from infinito.runtime import autocast, resolve_device, resolve_dtype, synchronize
 
 METRICS = ("ttft_ms", "p50_ms", "p95_ms", "tokens_per_sec")
@@ -97,18 +96,6 @@ def check_grid(cfg: BenchmarkConfig, block_size: int) -> None:
             f"{longest + cfg.new_tokens} exceeds model.block_size={block_size}; lower "
             f"benchmark.prompt_lengths or benchmark.new_tokens"
         )
-
-
-def read_model_config(model_dir: Path) -> ModelConfig:
-    """The checkpoint's ModelConfig, read without loading any weights."""
-    path = model_dir / "config.json"
-    if not path.is_file():
-        raise ConfigError(
-            f"{model_dir} is not a checkpoint (no config.json); train first (dvc repro train) "
-            f"or pass --model pointing at a directory written by Infinito.save"
-        )
-    with path.open() as f:
-        return ModelConfig.from_dict(json.load(f))
 
 
 def interleaved(
@@ -254,9 +241,10 @@ def run_benchmark(
     precision: str = "auto",
 ) -> dict[str, Any]:
     """Time the grid and write ``metrics_path`` (when given); returns the flat metrics."""
-    mcfg = read_model_config(model_dir)
+    from infinito.model import Infinito, checkpoint_config
+
+    mcfg = checkpoint_config(model_dir)
     check_grid(cfg, mcfg.block_size)
-    from infinito.model import Infinito
 
     dev = resolve_device(device)
     dtype = resolve_dtype(precision, dev)
@@ -339,14 +327,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="infinito benchmark",
         description="Time INFINITO's decoding (and HF GPT-2's) over the benchmark grid.",
     )
-    p.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file")
+    p.add_argument("--params", type=Path, default=Path(PARAMS_FILE), help="params file")
     p.add_argument(
         "--model",
         "--checkpoint",
         dest="model",
         type=Path,
-        default=Path("models/best"),
-        help="checkpoint directory (default models/best)",
+        required=True,
+        help="checkpoint directory (the pipeline's: models/best)",
     )
     p.add_argument("--metrics", type=Path, help="write the metrics JSON here")
     p.add_argument(

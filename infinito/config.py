@@ -9,6 +9,9 @@ values with an error that names the key and says what is allowed::
 
 ``load_params(path)`` reads the whole file into ``Params``; ``apply_overrides`` applies dotted
 ``key=value`` overrides (``{"lr": 1e-4, "model.iit": False}``) the way ``dvc exp run -S`` does.
+Every reader of ``params.yaml`` goes through ``parse_yaml``, the parser DVC itself uses
+(``ruamel.yaml``, YAML 1.2), so the stages, the Prefect flow's pre-check and DVC agree on what
+the file says; ``write_params`` edits it as DVC does, keeping its comments.
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
-import yaml
+from ruamel.yaml import YAML, YAMLError
+from ruamel.yaml.constructor import DuplicateKeyError
+from ruamel.yaml.representer import RoundTripRepresenter
 
 WIKITEXT_SOURCES = (
     "wikitext-2-raw-v1",
@@ -30,6 +35,7 @@ WIKITEXT_SOURCES = (
     "wikitext-103-v1",
 )
 SPLITS = ("train", "validation", "test")
+PARAMS_FILE = "params.yaml"  # DVC's default params file, at the repository root
 
 
 class ConfigError(ValueError):
@@ -245,10 +251,6 @@ class ModelConfig(Section):
             self.phi_priority_weight,
             "must be in [0, 1]",
         )
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_head
 
     @property
     def use_memory(self) -> bool:
@@ -534,62 +536,82 @@ class Params(Section):
         return cls(**values)
 
 
-class ParamsLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, stricter and closer to YAML 1.2 for ``params.yaml``.
+# ----------------------------------------------------------------------------- reading YAML
 
-    - ``1e-4`` and ``1e-05`` are floats (PyYAML's YAML 1.1 rules read them as strings, but DVC's
-      ``-S lr=1e-5`` writes exactly that form);
-    - only ``true``/``false`` are booleans (``yes``/``no``/``on``/``off`` stay strings, as DVC
-      reads them, so ``model.iit: yes`` is an error instead of a silent True);
-    - a key given twice in one mapping is an error instead of the last one silently winning.
+
+def parse_yaml(text: str, source: str) -> Any:
+    """Parse YAML text as DVC does: ``ruamel.yaml``'s safe loader, YAML 1.2.
+
+    So ``1e-4`` and ``1e-05`` are floats (DVC's ``-S lr=1e-5`` writes the latter), only
+    ``true``/``false`` are booleans (``model.iit: yes`` stays the string ``'yes'`` and fails
+    validation instead of silently becoming True), and a key given twice in one mapping is an
+    error instead of the last one silently winning. ``source`` names the text in errors.
     """
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if not isinstance(key, typing.Hashable):
-                continue  # the base class reports unhashable keys
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r}: give each key once", key_node.start_mark
-                )
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
+    try:
+        return YAML(typ="safe").load(text)
+    except DuplicateKeyError as e:
+        found = re.search(r'duplicate key "(.*?)" with value', str(e.problem))
+        key = repr(found.group(1)) if found else str(e.problem)
+        line = f" (line {e.problem_mark.line + 1})" if e.problem_mark is not None else ""
+        raise ConfigError(f"{source}: duplicate key {key}{line}: give each key once") from e
+    except YAMLError as e:
+        raise ConfigError(f"{source} is not valid YAML: {e}") from e
 
 
-# YAML 1.2 booleans, as DVC reads them: only true/false (PyYAML also takes yes/no/on/off).
-ParamsLoader.yaml_implicit_resolvers = {
-    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-ParamsLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
-)
-ParamsLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
+def read_yaml(path: str | Path) -> Any:
+    """Read a YAML file of the pipeline (``params.yaml``, ``dvc.yaml``) with ``parse_yaml``."""
+    path = Path(path)
+    return parse_yaml(path.read_text(encoding="utf-8"), str(path))
 
 
-def load_params(
-    path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None
-) -> Params:
-    """Read and validate ``params.yaml``; ``overrides`` maps dotted keys to values."""
+def read_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
+    """The raw mapping of a params file (unvalidated: ``Params.from_dict`` checks it)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(
             f"params file {path} not found; run from the repository root or pass --params"
         )
-    with path.open() as f:
-        try:
-            data = yaml.load(f, Loader=ParamsLoader)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path} is not valid YAML: {e}") from e
+    return read_yaml(path) or {}
+
+
+def load_params(path: str | Path = PARAMS_FILE, overrides: dict[str, Any] | None = None) -> Params:
+    """Read and validate ``params.yaml``; ``overrides`` maps dotted keys to values."""
+    data = read_params(path)
     if overrides:
-        data = apply_overrides(data or {}, overrides)
+        data = apply_overrides(data, overrides)
     return Params.from_dict(data)
+
+
+class _ParamsRepresenter(RoundTripRepresenter):
+    """Writes None as ``null``, as params.yaml spells it (ruamel's default leaves it empty)."""
+
+    def represent_none(self, data: Any) -> Any:
+        return self.represent_scalar("tag:yaml.org,2002:null", "null")
+
+
+_ParamsRepresenter.add_representer(type(None), _ParamsRepresenter.represent_none)
+
+
+def write_params(
+    path: str | Path, overrides: dict[str, Any] | None = None, base: str | Path | None = None
+) -> None:
+    """Write the params file ``base`` (default: ``path`` itself) to ``path`` with dotted-key
+    ``overrides`` set, as ``dvc exp run -S`` edits it: a round trip through ``ruamel.yaml``
+    that keeps comments, key order, quotes and every untouched line."""
+    source = Path(path if base is None else base)
+    yaml = YAML()  # round-trip
+    yaml.Representer = _ParamsRepresenter
+    yaml.preserve_quotes = True
+    yaml.indent(mapping=2, sequence=4, offset=2)  # params.yaml's layout
+    if not source.is_file():
+        raise ConfigError(f"params file {source} not found")
+    data = yaml.load(source.read_text(encoding="utf-8"))
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source} must hold a mapping of keys to values")
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(data, dotted, value)
+    with Path(path).open("w", encoding="utf-8") as f:
+        yaml.dump(data, f)
 
 
 def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -602,21 +624,21 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str
 
     out = copy.deepcopy(data)
     for dotted, value in overrides.items():
-        if isinstance(value, str):
-            value = _parse_scalar(value)
-        *parents, leaf = dotted.split(".")
-        node = out
-        for p in parents:
-            child = node.get(p)
-            if child is None:
-                child = node[p] = {}
-            if not isinstance(child, dict):
-                raise ConfigError(f"override {dotted}: {p} is not a section")
-            node = child
-        node[leaf] = value
+        _set_dotted(out, dotted, value)
     return out
 
 
-def _parse_scalar(text: str) -> Any:
-    """Parse an override string as ``dvc exp run -S`` does: as YAML (``1e-4`` is a float)."""
-    return yaml.load(text, Loader=ParamsLoader) if text.strip() else text
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``data[a][b][c] = value`` for ``dotted`` = ``a.b.c`` (a string value parsed first)."""
+    if isinstance(value, str):
+        value = parse_yaml(value, f"override {dotted}") if value.strip() else value
+    *parents, leaf = dotted.split(".")
+    node = data
+    for p in parents:
+        child = node.get(p)
+        if child is None:
+            child = node[p] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted}: {p} is not a section")
+        node = child
+    node[leaf] = value

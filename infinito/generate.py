@@ -29,7 +29,8 @@ from typing import Any
 import torch
 
 from infinito.atomic import write_json, write_text
-from infinito.config import ConfigError, GenerateConfig, load_params
+from infinito.config import PARAMS_FILE, ConfigError, GenerateConfig, load_params
+from infinito.data.splits import check_vocab
 from infinito.runtime import autocast, resolve_device, resolve_dtype, seed_everything, synchronize
 from infinito.textmetrics import text_metrics
 
@@ -61,16 +62,6 @@ def sampling_kwargs(cfg: GenerateConfig) -> dict[str, Any]:
         "top_p": cfg.top_p if cfg.top_p < 1.0 else None,
         "repetition_penalty": cfg.repetition_penalty,
     }
-
-
-def check_vocab(model_vocab: int, tokenizer_vocab: int, model_dir: Path) -> None:
-    """The model must score every id the GPT-2 tokenizer can produce."""
-    if model_vocab < tokenizer_vocab:
-        raise ConfigError(
-            f"the checkpoint in {model_dir} has model.vocab_size={model_vocab} but the GPT-2 "
-            f"tokenizer has {tokenizer_vocab} tokens; train with model.vocab_size >= "
-            f"{tokenizer_vocab} to generate text"
-        )
 
 
 def run_generation(
@@ -174,19 +165,10 @@ def render_markdown(
     return "\n".join(lines) + "\n"
 
 
-def check_checkpoint(model_dir: Path) -> None:
-    if not (model_dir / "config.json").is_file():
-        raise ConfigError(
-            f"{model_dir} is not a checkpoint (no config.json); train first (dvc repro train) "
-            f"or pass --model/--checkpoint pointing at a directory written by Infinito.save"
-        )
-
-
 def load_generator_model(model_dir: Path, device: torch.device) -> Any:
     """Load a checkpoint directory for inference (eval mode, on ``device``)."""
     from infinito.model import Infinito
 
-    check_checkpoint(model_dir)
     model = Infinito.from_checkpoint(model_dir, map_location=str(device))
     return model.to(device).eval()
 
@@ -204,14 +186,21 @@ def generate_samples(
 
     Returns the metrics plus ``"samples"``: the list of :class:`Sample`.
     """
-    check_checkpoint(model_dir)
     from infinito.data.tokenize import load_tokenizer
+    from infinito.model import checkpoint_config
+
+    checkpoint_config(model_dir)  # no checkpoint: fail before loading the tokenizer
 
     dev = resolve_device(device)
     dtype = resolve_dtype(precision, dev)
     tokenizer = load_tokenizer()
     model = load_generator_model(model_dir, dev)
-    check_vocab(model.config.vocab_size, len(tokenizer), model_dir)
+    check_vocab(
+        model.config.vocab_size,
+        len(tokenizer),
+        f"the checkpoint in {model_dir}",
+        "GPT-2's tokenizer",
+    )
     seed_everything(seed)
     result = run_generation(model, tokenizer, cfg, seed, dev, dtype)
     metrics = sample_metrics(result)
@@ -231,14 +220,14 @@ def build_parser() -> argparse.ArgumentParser:
             "(the DVC stage) they are written to files."
         ),
     )
-    p.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file")
+    p.add_argument("--params", type=Path, default=Path(PARAMS_FILE), help="params file")
     p.add_argument(
         "--model",
         "--checkpoint",
         dest="model",
         type=Path,
-        default=Path("models/best"),
-        help="checkpoint directory (default models/best)",
+        required=True,
+        help="checkpoint directory (the pipeline's: models/best)",
     )
     p.add_argument("--samples", type=Path, help="write the samples as Markdown here")
     p.add_argument("--metrics", type=Path, help="write the metrics JSON here")

@@ -51,7 +51,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from infinito.atomic import atomic_dir, write_json
-from infinito.config import ModelConfig, load_params
+from infinito.config import ConfigError, ModelConfig, load_params
 from infinito.iit import (
     COMPONENTS,
     PHI_SCALE,
@@ -67,8 +67,23 @@ IGNORE_INDEX = -100  # targets equal to this are left out of the loss (PyTorch's
 WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ConfigError):
     """A checkpoint directory is incomplete or does not match the model its config describes."""
+
+
+def checkpoint_config(path: str | Path) -> ModelConfig:
+    """The config of the checkpoint directory ``path`` (no weights read): the one check that a
+    checkpoint is there, for every stage that reads one."""
+    path = Path(path)
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (path / name).is_file():
+            raise CheckpointError(
+                f"{path / name} not found: {path} holds no checkpoint (a directory written by "
+                f"Infinito.save holds {WEIGHTS_FILE} and {CONFIG_FILE}); train first (dvc repro "
+                "train) or pass --model pointing at one"
+            )
+    with (path / CONFIG_FILE).open() as f:
+        return ModelConfig.from_dict(json.load(f))
 
 
 @dataclass
@@ -301,7 +316,6 @@ class Infinito(nn.Module):
             stats[f"phi_weight_{name}"] = w
         if self.memory is None:
             return aux, stats, None
-        stats["candidate_phi_mean"] = stats["phi_mean"]
         ends = mid[:, C - 1 : n * C : C].detach()  # (B, n, D): each chunk's last state
         means = mid[:, : n * C].detach().reshape(B, n, C, D).mean(2)  # (B, n, D)
         phi = phi.detach().float()  # (B, n)
@@ -538,14 +552,7 @@ class Infinito(nn.Module):
     ) -> Infinito:
         """Load a directory written by ``save``, strictly: a missing or unexpected tensor fails."""
         path = Path(path)
-        for name in (CONFIG_FILE, WEIGHTS_FILE):
-            if not (path / name).is_file():
-                raise CheckpointError(
-                    f"{path / name} not found; a checkpoint directory holds {WEIGHTS_FILE} and "
-                    f"{CONFIG_FILE} as written by Infinito.save"
-                )
-        with (path / CONFIG_FILE).open() as f:
-            config = ModelConfig.from_dict(json.load(f))
+        config = checkpoint_config(path)
         state = load_file(str(path / WEIGHTS_FILE), device=str(map_location))
         with torch.device("meta"):  # no initialisation work: every tensor is loaded below
             model = cls(config)

@@ -81,7 +81,6 @@ class Loop:
     complete: bool = False
     history: list[dict[str, Any]] = field(default_factory=list)
     acc: Accumulator = field(default_factory=Accumulator)
-    acc_stats_steps: int = 0
     tokens_trained: int = 0
     timed_tokens: int = 0  # excludes the first step of each session (compilation, warm-up)
     timed_seconds: float = 0.0
@@ -118,6 +117,7 @@ class Loop:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Loop:
         data = dict(data)
+        data.pop("acc_stats_steps", None)  # an unused counter that states of format 1 still hold
         acc = Accumulator(**data.pop("acc"))
         return cls(acc=acc, **data)
 

@@ -82,10 +82,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def cpu_threads() -> int:
-    return torch.get_num_threads()
-
-
 def synchronize(device: torch.device) -> None:
     """Wait for queued device work, so host timers measure it."""
     if device.type == "cuda":

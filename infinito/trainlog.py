@@ -21,9 +21,9 @@ import torch
 
 from infinito.atomic import atomic_dir, atomic_open, write_json
 from infinito.config import Params
-from infinito.evaluate import Score
 from infinito.runstate import Loop
 from infinito.runtime import is_tty
+from infinito.scoring import Score, perplexity
 
 # The train stage's log: one logger for all its lines, wherever the code lives.
 log = logging.getLogger("infinito.train")
@@ -61,11 +61,6 @@ HISTORY_COLUMNS = (
 )
 
 
-def ppl(loss: float) -> float:
-    """Perplexity of a mean loss in nats (capped so it stays a finite float)."""
-    return math.exp(min(loss, 700.0))
-
-
 def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
     """The device's dense bf16/fp16 peak in FLOP/s, or None when unknown or not mixed precision."""
     if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
@@ -83,7 +78,7 @@ def history_row(loop: Loop, lr: float, steps_per_epoch: int, val: Score) -> dict
         "step": loop.step,
         "lr": lr,
         "train_loss": train_loss,
-        "train_ppl": ppl(train_loss) if train_loss is not None else None,
+        "train_ppl": perplexity(train_loss) if train_loss is not None else None,
         "val_loss": val.loss,
         "val_ppl": val.ppl,
         **{k: v / acc.steps for k, v in acc.stats.items() if k in IIT_COLUMNS},
@@ -273,7 +268,7 @@ def final_metrics(
     compiled: bool,
     world: int = 1,
 ) -> dict[str, Any]:
-    """train.json's numbers (README, Training). tokens/s counts every process's tokens, so
+    """train.json's numbers (docs/training.md). tokens/s counts every process's tokens, so
     with ``world`` processes the MFU is against ``world`` devices' peak."""
     last = loop.history[-1]
     tok_s = loop.timed_tokens / loop.timed_seconds if loop.timed_seconds > 0 else 0.0
@@ -281,7 +276,7 @@ def final_metrics(
         "best_epoch": loop.best_epoch,
         "best_step": loop.best_step,
         "best_val_loss": loop.best_val_loss,
-        "best_val_ppl": ppl(loop.best_val_loss),
+        "best_val_ppl": perplexity(loop.best_val_loss),
         "final_val_loss": last["val_loss"],
         "final_val_ppl": last["val_ppl"],
         "final_train_loss": train_sub.loss,
@@ -302,10 +297,9 @@ def final_metrics(
         m["mfu"] = tok_s * model.flops_per_token(params.data.seq_len) / (peak * world)
     if device.type == "cuda":
         m["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-    m.update({f"iit_{k}": last[k] for k in IIT_COLUMNS if last.get(k) is not None})
-    m.update({f"iit_{k}": v for k, v in model.iit_stats().items()})
-    memory = model.memory_stats()  # the memory as training left it
-    if memory:
-        m["iit_memory_utilisation"] = memory["utilisation"]
-        m["iit_stored_phi_mean"] = memory["stored_phi_mean"]
+    # iit_*: the threshold, phi weights and memory as training left them; the other IIT columns
+    # as the training means of the last history row
+    now = {**model.memory_stats(), **model.iit_stats()}
+    m.update({f"iit_{k}": last[k] for k in IIT_COLUMNS if last.get(k) is not None and k not in now})
+    m.update({f"iit_{k}": v for k, v in now.items()})
     return m

@@ -32,12 +32,18 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 
-from infinito.config import ConfigError, Params, apply_overrides
+from infinito.config import (
+    PARAMS_FILE,
+    ConfigError,
+    Params,
+    apply_overrides,
+    parse_yaml,
+    read_yaml,
+)
 
 # The stages of dvc.yaml in the order the flow runs them.
 STAGES: tuple[str, ...] = (
@@ -49,7 +55,6 @@ STAGES: tuple[str, ...] = (
     "benchmark-inference",
 )
 REPO_ROOT = Path(__file__).resolve().parents[1]
-PARAMS_FILE = "params.yaml"
 DOWNLOAD_RETRIES = 2
 DOWNLOAD_RETRY_DELAYS_S = [30, 120]
 ARTIFACT_METRICS = "infinito-metrics"
@@ -168,7 +173,7 @@ def resolve_overrides(base_text: str, overrides: dict[str, Any]) -> dict[str, An
             raise ConfigError(
                 f"override {key} is a mapping; give its leaf keys instead ({key}.<name>=<value>)"
             )
-    data = yaml.safe_load(base_text) or {}
+    data = parse_yaml(base_text, f"HEAD:{PARAMS_FILE}") or {}
     data = apply_overrides(data, overrides)
     Params.from_dict(data)  # raises ConfigError naming the key
     return data
@@ -371,8 +376,7 @@ def summary_markdown(
 
 def stage_metric_files(repo: Path, stages: Sequence[str]) -> list[str]:
     """The metrics files that ``stages`` declare in dvc.yaml (their one home)."""
-    with (repo / "dvc.yaml").open(encoding="utf-8") as f:
-        spec = yaml.safe_load(f) or {}
+    spec = read_yaml(repo / "dvc.yaml") or {}
     files: list[str] = []
     for stage in stages:
         for entry in spec.get("stages", {}).get(stage, {}).get("metrics", []) or []:

@@ -29,9 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from infinito.config import ConfigError, load_params
+from infinito.config import ConfigError, load_params, read_yaml
 
 # The quickstart's configuration: the offline corpus, a model small enough for a CPU, and a
 # light benchmark grid. Every other key keeps its params.yaml value.
@@ -100,8 +98,7 @@ def command_env(repo: Path) -> dict[str, str]:
 
 def outputs(repo: Path) -> dict[str, list[str]]:
     """Metrics files, plot files and the samples file, as dvc.yaml declares them."""
-    with (repo / "dvc.yaml").open(encoding="utf-8") as f:
-        spec = yaml.safe_load(f) or {}
+    spec = read_yaml(repo / "dvc.yaml") or {}
     found: dict[str, list[str]] = {"metrics": [], "plots": [], "samples": []}
 
     def paths(entries: list[Any] | None) -> list[str]:

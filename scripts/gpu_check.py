@@ -14,7 +14,7 @@ rewritten after each phase, so a run cut short still leaves what it measured.
        .venv/bin/python scripts/gpu_check.py --make-data gpu-data
 
 2. On the GPU machine (imports the model and the train stage's modules, torch, numpy,
-   pyyaml, safetensors, matplotlib; no DVC, Prefect or tokenizer needed)::
+   ruamel.yaml, safetensors, matplotlib; no DVC, Prefect or tokenizer needed)::
 
        PYTHONPATH=. python scripts/gpu_check.py --data gpu-data --out gpu_check.json
 
@@ -41,7 +41,7 @@ import torch
 
 from infinito.atomic import write_json
 from infinito.config import Params
-from infinito.evaluate import read_meta
+from infinito.data.splits import read_meta
 from infinito.model import Infinito
 from infinito.runtime import resolve_device, resolve_dtype
 from infinito.train import peak_flops, train

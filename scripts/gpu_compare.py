@@ -26,6 +26,7 @@ from typing import Any
 from scipy import stats
 
 from infinito.atomic import write_json, write_text
+from infinito.config import write_params
 
 METRICS = (
     "validation_ppl",
@@ -50,14 +51,7 @@ def one(params: Path, data: Path, work: Path, iit: bool, seed: int) -> dict[str,
         d.mkdir(parents=True, exist_ok=True)
         run_params = d / "params.yaml"
         overrides = {"seed": seed, "model.iit": iit}
-        import yaml
-
-        from infinito.config import apply_overrides
-
-        with params.open() as f:
-            raw = yaml.safe_load(f)
-        with run_params.open("w") as f:
-            yaml.safe_dump(apply_overrides(raw, overrides), f, sort_keys=False)
+        write_params(run_params, overrides, base=params)
         py = sys.executable
         t0 = time.perf_counter()
         run(
@@ -77,6 +71,8 @@ def one(params: Path, data: Path, work: Path, iit: bool, seed: int) -> dict[str,
                 str(d / "train.json"),
                 "--history",
                 str(d / "history.csv"),
+                "--curves",
+                str(d / "curves.png"),
             ]
         )
         run(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -21,9 +22,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-import yaml
 
-from infinito.config import apply_overrides
+from infinito import config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Real English text kept beside the checkout (../shared), never copied into the repository.
@@ -55,13 +55,9 @@ def command_env(extra: dict[str, str | None] | None = None) -> dict[str, str]:
 
 
 def write_params(path: Path, overrides: dict[str, Any] | None = None) -> None:
-    """Write this checkout's params.yaml to ``path`` with dotted-key ``overrides`` applied."""
-    with (REPO_ROOT / "params.yaml").open() as f:
-        data = yaml.safe_load(f)
-    if overrides:
-        data = apply_overrides(data, overrides)
-    with path.open("w") as f:
-        yaml.safe_dump(data, f, sort_keys=False)
+    """Write this checkout's params.yaml to ``path`` with dotted-key ``overrides`` applied
+    (comments kept, as ``dvc exp run -S`` keeps them)."""
+    config.write_params(path, overrides, base=REPO_ROOT / "params.yaml")
 
 
 def make_dvc_repo(
@@ -272,37 +268,38 @@ def pipeline_repo(reproduced_repo: Path, tmp_path: Path) -> Path:
 _PREFECT_HOME = pytest.StashKey[Path]()
 
 
+def stage_paths(stage: str) -> dict[str, str]:
+    """The ``--option path`` pairs of a dvc.yaml stage's command: the paths' one home."""
+    cmd = config.read_yaml(REPO_ROOT / "dvc.yaml")["stages"][stage]["cmd"]
+    words = shlex.split(cmd)[3:]  # after python -m <module>
+    pairs = zip(words, [*words[1:], ""], strict=True)
+    return {w: v for w, v in pairs if w.startswith("--") and v and not v.startswith("--")}
+
+
+# train()'s keyword for each path option of the train stage's command
+TRAIN_PATH_KEYWORDS = {
+    "--out": "out_dir",
+    "--state": "state_dir",
+    "--metrics": "metrics_path",
+    "--history": "history_path",
+    "--curves": "curves_path",
+}
+
+
 def train_outputs(root: Path) -> dict[str, Path]:
-    """The train stage's output paths under ``root``, laid out as in dvc.yaml (keyword names of
-    ``infinito.train.train``)."""
-    return {
-        "out_dir": root / "models" / "best",
-        "state_dir": root / "checkpoints",
-        "metrics_path": root / "metrics" / "train.json",
-        "history_path": root / "metrics" / "train_history.csv",
-        "curves_path": root / "metrics" / "train_curves.png",
-    }
+    """The train stage's output paths under ``root``, as dvc.yaml's command gives them, by
+    keyword of ``infinito.train.train``."""
+    paths = stage_paths("train")
+    return {keyword: root / paths[flag] for flag, keyword in TRAIN_PATH_KEYWORDS.items()}
 
 
 def train_cli_args(params: Path, data: Path, root: Path) -> list[str]:
     """Arguments of ``python -m infinito.train`` writing ``train_outputs(root)``."""
-    o = train_outputs(root)
-    return [
-        "--params",
-        str(params),
-        "--data",
-        str(data),
-        "--out",
-        str(o["out_dir"]),
-        "--state",
-        str(o["state_dir"]),
-        "--metrics",
-        str(o["metrics_path"]),
-        "--history",
-        str(o["history_path"]),
-        "--curves",
-        str(o["curves_path"]),
-    ]
+    outputs = train_outputs(root)
+    args = ["--params", str(params), "--data", str(data)]
+    for flag, keyword in TRAIN_PATH_KEYWORDS.items():
+        args += [flag, str(outputs[keyword])]
+    return args
 
 
 @pytest.fixture(autouse=True)

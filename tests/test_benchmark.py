@@ -13,7 +13,6 @@ from infinito.benchmark import (
     RunTimes,
     check_grid,
     main,
-    read_model_config,
     run_benchmark,
     summarise,
 )
@@ -49,18 +48,15 @@ def test_summarise_uses_median_run() -> None:
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="no config.json"):
-        read_model_config(tmp_path)
+    with pytest.raises(ConfigError, match="config.json not found: .* holds no checkpoint"):
+        run_benchmark(GRID, 0, tmp_path, None, device="cpu")
 
 
 def test_main_rejects_a_grid_that_overflows_the_context(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     ckpt = tmp_path / "ckpt"
-    ckpt.mkdir()
-    (ckpt / "config.json").write_text(
-        json.dumps({"vocab_size": 64, "d_model": 32, "n_layer": 1, "n_head": 2, "block_size": 32})
-    )
+    Infinito(ModelConfig(vocab_size=64, d_model=32, n_layer=1, n_head=2, block_size=32)).save(ckpt)
     params = tmp_path / "params.yaml"
     params.write_text("benchmark:\n  prompt_lengths: [16]\n  new_tokens: 32\n")
     assert main(["--params", str(params), "--model", str(ckpt)]) == 2

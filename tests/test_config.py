@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import re
 import subprocess
@@ -19,6 +20,9 @@ from infinito.config import (
     Params,
     TrainConfig,
     load_params,
+    parse_yaml,
+    read_params,
+    write_params,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -26,8 +30,7 @@ PARAMS = REPO_ROOT / "params.yaml"
 
 
 def _raw() -> dict[str, Any]:
-    with PARAMS.open() as f:
-        return yaml.safe_load(f)
+    return read_params(PARAMS)
 
 
 def _leaves(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -210,6 +213,39 @@ def test_duplicate_key_fails(tmp_path: Path) -> None:
         load_params(path)
 
 
+def test_write_params_edits_like_dvc_keeping_comments(tmp_path: Path) -> None:
+    """Overrides are set in place: every comment and untouched line survives the round trip."""
+    overrides = {"lr": "1e-4", "model.iit": False, "evaluate.splits": ["test"]}
+    path = tmp_path / "params.yaml"
+    write_params(path, overrides, base=PARAMS)
+    assert load_params(path) == load_params(PARAMS, overrides)
+    text = path.read_text()
+    comments = [line for line in PARAMS.read_text().splitlines() if line.lstrip().startswith("#")]
+    assert comments and all(c in text for c in comments)
+    assert "# peak learning rate" in text and "# master switch" in text  # inline ones too
+    untouched = [line for line in PARAMS.read_text().splitlines() if "seq_len" in line]
+    assert all(line in text for line in untouched)
+    write_params(path, {"seed": 7})  # in place, from its own content
+    assert load_params(path) == load_params(PARAMS, {**overrides, "seed": 7})
+
+
+def test_only_config_reads_yaml() -> None:
+    """One YAML parser for params.yaml (DVC's): no other module imports a YAML library."""
+    importers: dict[str, set[str]] = {}
+    files = [f for d in ("infinito", "pipelines", "scripts") for f in (REPO_ROOT / d).rglob("*.py")]
+    assert len(files) > 20
+    for file in files:
+        for node in ast.walk(ast.parse(file.read_text(encoding="utf-8"))):
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            for top in {n.split(".")[0] for n in names} & {"yaml", "ruamel"}:
+                importers.setdefault(file.relative_to(REPO_ROOT).as_posix(), set()).add(top)
+    assert importers == {"infinito/config.py": {"ruamel"}}
+
+
 def test_missing_or_broken_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"params file .* not found"):
         load_params(tmp_path / "nope.yaml")
@@ -219,23 +255,23 @@ def test_missing_or_broken_file(tmp_path: Path) -> None:
         load_params(bad)
 
 
-def test_readme_params_reference_is_complete_and_true() -> None:
-    """README's params table: every key once, its default, and the stages dvc.yaml gives it to."""
-    readme = (REPO_ROOT / "README.md").read_text()
-    table = readme[readme.index("## Params reference") :]
+def test_params_reference_page_is_complete_and_true() -> None:
+    """docs/params.md's table: every key once, its default, and the stages dvc.yaml gives it to."""
+    page = (REPO_ROOT / "docs" / "params.md").read_text()
+    table = page[page.index("# Params reference") :]
     rows = re.findall(r"^\| `([^`]+)` \| ([^|]+) \| [^|]+ \| ([^|]+) \|$", table, re.M)
     documented = {key: (default.strip(), stages.strip()) for key, default, stages in rows}
     assert len(rows) == len(documented), "a key is listed twice"
     leaves = _leaves(_raw())
-    assert set(documented) == set(leaves), "README params table and params.yaml differ"
+    assert set(documented) == set(leaves), "docs/params.md's table and params.yaml differ"
     with (REPO_ROOT / "dvc.yaml").open() as f:
         stages = yaml.safe_load(f)["stages"]
     for key, (default, readers) in documented.items():
         if default.startswith("`"):
-            assert yaml.safe_load(default.strip("`")) == leaves[key], key
+            assert parse_yaml(default.strip("`"), key) == leaves[key], key
         expected = [
             name
             for name, stage in stages.items()
             if any(key == p or key.startswith(f"{p}.") for p in stage.get("params", []))
         ]
-        assert readers.split(", ") == expected, f"{key}: README says {readers}, dvc.yaml {expected}"
+        assert readers.split(", ") == expected, f"{key}: docs say {readers}, dvc.yaml {expected}"

@@ -1,4 +1,4 @@
-"""The README's experiment workflow, verbatim, in a temporary repository with a tiny config.
+"""docs/experiments.md's workflow, verbatim, in a temporary repository with a tiny config.
 
 ``dvc repro``; ``dvc exp run -S lr=...`` re-running train and what follows it but not download or
 tokenize; ``dvc metrics diff`` and ``dvc plots diff`` showing the change; a ``--queue`` sweep run

@@ -22,7 +22,7 @@ from prefect.client.schemas.sorting import TaskRunSort
 from prefect.states import State
 from prefect.testing.utilities import prefect_test_harness
 
-from infinito.config import ConfigError, load_params
+from infinito.config import ConfigError, Params, load_params, write_params
 from pipelines import flows
 from pipelines.flows import (
     ARTIFACT_DIFF,
@@ -78,6 +78,34 @@ def test_override_args_round_trip_through_dvc_set_param(tmp_path: Path) -> None:
     path.write_text(base)
     dvc_apply_overrides(str(path), args)
     assert load_params(path) == load_params(REPO_ROOT / "params.yaml", overrides)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "error"),
+    [
+        ("lr: 2.0e-4", "lr: 1e-05", None),  # YAML 1.2: a float (PyYAML read a string)
+        ("iit: true", "iit: yes", r"model\.iit='yes' must be true or false"),  # not a boolean
+        ("seed: 42", "seed: 42\nseed: 7", r"duplicate key 'seed'"),
+    ],
+)
+def test_flow_precheck_reads_params_as_the_stages_do(
+    tmp_path: Path, old: str, new: str, error: str | None
+) -> None:
+    """The flow's pre-check and the stages share one reader: neither accepts what the other
+    refuses."""
+    text = (REPO_ROOT / "params.yaml").read_text()
+    assert old in text
+    path = tmp_path / "params.yaml"
+    path.write_text(text.replace(old, new, 1))
+    if error is None:
+        data = flows.resolve_overrides(path.read_text(), {})
+        assert Params.from_dict(data) == load_params(path)
+        assert load_params(path).lr == 1e-5
+        return
+    with pytest.raises(ConfigError, match=error):
+        load_params(path)
+    with pytest.raises(ConfigError, match=error):
+        flows.resolve_overrides(path.read_text(), {})
 
 
 @pytest.mark.parametrize(
@@ -251,9 +279,7 @@ def test_flow_without_overrides_reruns_the_committed_configuration(
     lock = (repo / "dvc.lock").read_text()
     params = repo / "params.yaml"
     committed = params.read_text()
-    edited = yaml.safe_load(committed)
-    edited["lr"] = 0.5  # an earlier experiment's params left in the workspace
-    params.write_text(yaml.safe_dump(edited))
+    write_params(params, {"lr": 0.5})  # an earlier experiment's params left in the workspace
 
     state = infinito_pipeline(repo=str(repo), return_state=True)
     assert state.is_completed(), state

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from infinito.config import ConfigError, GenerateConfig, ModelConfig
+from infinito.data.splits import check_vocab
 from infinito.generate import (
     GenerationResult,
     Sample,
     build_parser,
-    check_vocab,
     config_from_args,
     generate_samples,
     main,
@@ -37,7 +37,7 @@ METRIC_KEYS = {
 
 
 def _args(*argv: str) -> GenerateConfig:
-    return config_from_args(GenerateConfig(), build_parser().parse_args(list(argv)))
+    return config_from_args(GenerateConfig(), build_parser().parse_args(["--model", "m", *argv]))
 
 
 def test_seed_cli_options_override_params() -> None:
@@ -69,7 +69,7 @@ def test_prompt_repeats_and_greedy() -> None:
     assert cfg.prompts == ("a", "b")
     assert cfg.temperature == 0.0
     with pytest.raises(SystemExit):
-        build_parser().parse_args(["--greedy", "--temperature", "0.5"])
+        build_parser().parse_args(["--model", "m", "--greedy", "--temperature", "0.5"])
 
 
 def test_bad_override_names_the_key() -> None:
@@ -88,8 +88,8 @@ def test_sampling_kwargs_map_disabling_values_to_none() -> None:
 
 def test_vocab_check_names_the_key(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="model.vocab_size=100"):
-        check_vocab(100, 50257, tmp_path)
-    check_vocab(50257, 50257, tmp_path)
+        check_vocab(100, 50257, f"the checkpoint in {tmp_path}", "GPT-2's tokenizer")
+    check_vocab(50257, 50257, f"the checkpoint in {tmp_path}", "GPT-2's tokenizer")
 
 
 def _result(texts: list[str], eos: list[bool]) -> GenerationResult:
@@ -134,7 +134,7 @@ def test_markdown_lists_settings_then_each_prompt_and_continuation() -> None:
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="no config.json"):
+    with pytest.raises(ConfigError, match="config.json not found: .* holds no checkpoint"):
         generate_samples(GenerateConfig(), 0, tmp_path / "nope", None, None, device="cpu")
 
 
@@ -162,7 +162,7 @@ def _save_tiny(path: Path, fill_memory: bool = False) -> Infinito:
         with torch.no_grad():
             out = model(torch.randint(0, 1000, (2, 32)))
             model.write_memory(out.candidates)
-        assert model.memory_stats()["utilisation"] > 0
+        assert model.memory_stats()["memory_utilisation"] > 0
     model.save(path)
     return model
 

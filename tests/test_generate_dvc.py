@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from infinito.config import write_params
+
 pytestmark = pytest.mark.slow
 
 TINY = {
@@ -37,11 +39,7 @@ STAGES = ["generate-samples", "benchmark-inference"]
 
 
 def _edit(repo: Path, key: str, value: object) -> None:
-    path = repo / "params.yaml"
-    data = yaml.safe_load(path.read_text())
-    section, leaf = key.split(".")
-    data[section][leaf] = value
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    write_params(repo / "params.yaml", {key: value})
 
 
 def test_dvc_repro_generate_and_benchmark(dvc_repo: Callable[..., Path], run_cmd: Callable) -> None:

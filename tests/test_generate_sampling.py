@@ -33,7 +33,7 @@ def tiny(iit: bool = True, seed: int = 0) -> Infinito:
             for _ in range(3):
                 out = model(torch.randint(0, V, (2, 16)))
                 model.write_memory(out.candidates)
-        assert model.memory_stats()["utilisation"] > 0
+        assert model.memory_stats()["memory_utilisation"] > 0
     return model
 
 

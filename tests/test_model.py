@@ -29,7 +29,6 @@ IIT_KEYS = {
     "phi_weight_complexity",
     "phi_weight_attention_diversity",
     "memory_utilisation",
-    "candidate_phi_mean",
 }
 
 

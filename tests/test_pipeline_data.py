@@ -11,22 +11,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from infinito.config import SPLITS, load_params
+from infinito.config import SPLITS, load_params, parse_yaml, write_params
 
 pytestmark = pytest.mark.slow
 
 
 def _set_params(repo: Path, **values: object) -> None:
     """Edit params.yaml in place: dotted keys given with "__" for "." (data__seq_len=128)."""
-    path = repo / "params.yaml"
-    data = yaml.safe_load(path.read_text())
-    for key, value in values.items():
-        *parents, leaf = key.split("__")
-        node = data
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    write_params(repo / "params.yaml", {k.replace("__", "."): v for k, v in values.items()})
 
 
 def test_dvc_repro_download_tokenize(dvc_repo: Callable[..., Path], run_cmd: Callable) -> None:
@@ -103,7 +95,7 @@ def test_quickstart_in_a_fresh_repo_without_git_identity(
     committed = subprocess.run(
         ["git", "show", "HEAD:params.yaml"], cwd=repo, capture_output=True, text=True, check=True
     ).stdout
-    assert yaml.safe_load(committed)["data"]["source"] == "wikitext-2-raw-v1"
+    assert parse_yaml(committed, "HEAD:params.yaml")["data"]["source"] == "wikitext-2-raw-v1"
     assert load_params(repo / "params.yaml").data.source == "builtin"
     names = run_cmd(["dvc", "exp", "list", "--name-only"], repo, env=env).stdout.split()
     assert names == ["quickstart"]

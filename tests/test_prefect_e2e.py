@@ -1,8 +1,8 @@
 """End to end against a real Prefect server: pool, deployments, a worker, a run through the API.
 
 The test starts ``prefect server start`` on 127.0.0.1 and a free port with a throwaway
-PREFECT_HOME, creates the ``gpu`` process pool as the README does, registers the deployments with
-``python -m pipelines.deploy``, starts ``prefect worker start --pool gpu``, triggers the seed
+PREFECT_HOME, creates the ``gpu`` process pool as docs/prefect.md does, registers the deployments
+with ``python -m pipelines.deploy``, starts ``prefect worker start --pool gpu``, triggers the seed
 deployment through the API with a tiny repository and an override, waits for the run and checks
 its artifacts and the DVC experiment it recorded. Every wait is bounded; the server and the
 worker are stopped (process group) whatever happens.
@@ -161,7 +161,7 @@ def test_deploy_worker_and_a_run_through_the_api(
         assert proc.returncode == 0, f"{' '.join(args)}:\n{proc.stdout}\n{proc.stderr}"
         return proc.stdout
 
-    # The README's path: create the pool, deploy, start a worker on the pool.
+    # docs/prefect.md's path: create the pool, deploy, start a worker on the pool.
     cli(*PREFECT, "work-pool", "create", "gpu", "--type", "process")
     out = cli(sys.executable, "-m", "pipelines.deploy")
     assert "infinito-pipeline/seed" in out and "infinito-pipeline/quickstart-cpu" in out

@@ -1,6 +1,6 @@
-"""The README's quickstart command in a fresh clone, as on a fresh machine: no git identity,
-no network, CPU only. It reuses this checkout's virtualenv (a symlink, with make told that the
-setup step is done) instead of installing a new one.
+"""The quickstart command of the README and docs/quickstart.md in a fresh clone, as on a fresh
+machine: no git identity, no network, CPU only. It reuses this checkout's virtualenv (a
+symlink, with make told that the setup step is done) instead of installing a new one.
 """
 
 from __future__ import annotations
@@ -22,18 +22,25 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART_TIMEOUT_S = 1200
 
 
-def readme_quickstart_command() -> str:
-    """The first command in the code block of the README's quickstart section."""
-    text = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
-    section = text.split("<!-- section: quickstart -->", 1)[1].split("<!-- section:", 1)[0]
+def first_command(section: str, where: str) -> str:
+    """The first command in the first ```bash block of ``section``."""
     block = re.search(r"```(?:bash|sh)\n(.*?)```", section, re.S)
-    assert block, "the README's quickstart section has no ```bash block"
+    assert block, f"{where} has no ```bash block"
     commands = [ln.split("#")[0].strip() for ln in block.group(1).splitlines()]
     return next(c for c in commands if c)
 
 
+def readme_quickstart_command() -> str:
+    """The first command in the code block of the README's quickstart section."""
+    text = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    section = text.split("<!-- section: quickstart -->", 1)[1].split("<!-- section:", 1)[0]
+    return first_command(section, "the README's quickstart section")
+
+
 def test_readme_quickstart_command_is_make_quickstart() -> None:
     assert readme_quickstart_command() == "make quickstart"
+    page = (REPO_ROOT / "docs" / "quickstart.md").read_text(encoding="utf-8")
+    assert first_command(page, "docs/quickstart.md") == "make quickstart"
 
 
 @pytest.mark.slow

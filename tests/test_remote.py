@@ -1,7 +1,7 @@
 """Shared artifacts: `dvc push` to a remote, `dvc pull` in a second clone, which is up to date.
 
 The remote is a local directory; S3, GCS and the others take the same commands with their URLs
-(README, Scaling).
+(docs/scaling.md).
 """
 
 from __future__ import annotations

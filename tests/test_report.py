@@ -211,8 +211,9 @@ def test_report_over_real_dvc_experiments(
     """Real `dvc exp show --json` from a toy pipeline (no model: a one-line stage)."""
     repo = dvc_repo()
     (repo / "stage.py").write_text(
-        "import json, yaml\n"
-        "p = yaml.safe_load(open('params.yaml'))\n"
+        "import json\n"
+        "from infinito.config import read_params\n"
+        "p = read_params('params.yaml')\n"
         "ppl = 100 + p['seed'] + (0 if p['model']['iit'] else 7)\n"
         "json.dump({'test_ppl': ppl}, open('eval.json', 'w'))\n"
     )

@@ -7,7 +7,6 @@ import json
 import logging
 import math
 import os
-import shlex
 import signal
 import subprocess
 import sys
@@ -20,18 +19,19 @@ import torch
 import yaml
 from conftest import train_cli_args, train_outputs
 
-from infinito import train as train_mod
+from infinito import trainer as trainer_mod
 from infinito.checkpoint import load_state
 from infinito.config import ConfigError, Params, apply_overrides
-from infinito.evaluate import Score, evaluate
+from infinito.evaluate import evaluate
 from infinito.model import Infinito
+from infinito.runstate import Loop
 from infinito.runtime import torch_threads
+from infinito.scoring import Score
 from infinito.train import (
     LRFactor,
     NonFiniteLoss,
     TrainingInterrupted,
     build_optimizer,
-    build_parser,
     build_schedulers,
     epoch_order,
     main,
@@ -164,7 +164,7 @@ def signal_at_call(monkeypatch: pytest.MonkeyPatch, k: int, signum: int = signal
 
 def scripted_val_losses(monkeypatch: pytest.MonkeyPatch, losses: list[float]) -> None:
     """Replace the first validations' losses (the real passes still run)."""
-    real = train_mod.score
+    real = trainer_mod.score
     queue = list(losses)
 
     def score(*args: Any, **kwargs: Any) -> Score:
@@ -173,7 +173,7 @@ def scripted_val_losses(monkeypatch: pytest.MonkeyPatch, losses: list[float]) ->
             result.nll_sum = queue.pop(0) * result.tokens
         return result
 
-    monkeypatch.setattr(train_mod, "score", score)
+    monkeypatch.setattr(trainer_mod, "score", score)
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -222,6 +222,13 @@ def test_optimizer_decays_matrices_only() -> None:
     assert all(p.dim() >= 2 for p in decay["params"])
     assert all(p.dim() < 2 for p in no_decay["params"])
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_a_state_of_format_1_with_its_unused_counter_resumes() -> None:
+    loop = Loop(epoch=2, pos=3, step=49, history=[{"step": 46}])
+    saved = {**loop.to_dict(), "acc_stats_steps": 0}  # what format-1 states hold
+    assert Loop.from_dict(saved) == loop
+    assert Loop.from_dict(loop.to_dict()) == loop
 
 
 def test_epoch_order_is_a_seeded_permutation_that_changes_every_epoch() -> None:
@@ -615,17 +622,6 @@ def test_cli_overrides_apply_on_top_of_params(
     metrics = json.loads((tmp_path / "metrics" / "train.json").read_text())
     assert metrics["steps"] == 5 and metrics["epochs_completed"] == pytest.approx(5 / 46, abs=1e-4)
     assert len(history(tmp_path)) == 1  # validated where max_steps stopped it
-
-
-def test_cli_path_defaults_are_dvc_yaml_paths() -> None:
-    stages = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]
-    words = shlex.split(stages["train"]["cmd"])
-    assert words[:3] == ["python", "-m", "infinito.train"]
-    given = dict(zip(words[3::2], words[4::2], strict=True))
-    defaults = vars(build_parser().parse_args([]))
-    paths = ("--data", "--out", "--state", "--metrics", "--history", "--curves")
-    for flag in paths:
-        assert str(defaults[flag.lstrip("-")]) == given[flag], flag
 
 
 def test_progress_lines_are_concise_without_a_terminal(

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
+
+from infinito.config import write_params
 
 TINY_PIPELINE: dict[str, Any] = {
     "data.source": "builtin",
@@ -64,9 +65,7 @@ def test_dvc_repro_trains_evaluates_and_reruns_only_on_change(
 
     # A changed training param: training re-runs from scratch (the persisted state is from
     # other params), evaluation follows, the data stages do not.
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["lr"] = 1e-3
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    write_params(repo / "params.yaml", {"lr": 1e-3})
     out = run_cmd(["dvc", "repro", "evaluate"], repo, env=ONE_THREAD).stdout
     assert "discarding checkpoints/state.pt" in out and "lr: 0.003 -> 0.001" in out
     assert "Running stage 'train'" in out and "Running stage 'evaluate'" in out

@@ -39,7 +39,7 @@ def _build(iit: bool) -> Infinito:
                 idx = torch.randint(0, SEED_CFG.vocab_size, (16, SEQ))
                 torch.manual_seed(seed)
                 model.write_memory(model(idx).candidates)
-        assert model.memory_stats()["utilisation"] == 1.0
+        assert model.memory_stats()["memory_utilisation"] == 1.0
     return model
 
 
