@@ -32,6 +32,13 @@ _MASKED = -1e9  # finite "minus infinity": keeps 0 * log(0) terms at exactly 0 i
 PHI_STATS_MOMENTUM = 0.05  # EMA factor of the running PHI statistics: about the last 20 writes
 PHI_SPREAD_FLOOR = 1e-2  # smallest PHI standard deviation the standardised threshold uses
 PERCENTILES = (10, 50, 90)  # of accepted and rejected candidates' PHI, in the write statistics
+# What a write says about the memory's selection, for the training history and the metrics.
+WRITE_STATS = (
+    "memory_accepted_fraction",
+    "memory_written_fraction",
+    "memory_evicted_age",
+    *(f"memory_{kind}_phi_p{q}" for kind in ("accepted", "rejected") for q in PERCENTILES),
+)
 
 
 def chunk_length(seq_len: int, phi_chunk: int) -> int:
@@ -228,9 +235,9 @@ class IITGuidedMemory(nn.Module):
     from, ``usage`` (R, S) an EMA of the normalised attention mass each slot received, ``age``
     (R, S) writes since the slot was filled, ``valid`` (R, S) which slots hold something. With
     the standardised threshold also ``phi_running_mean``, ``phi_running_var`` (EMAs of the
-    candidates' PHI over writes in training mode, one estimate for all rows) and
+    candidates' PHI over the writes in training mode, one estimate for all rows) and
     ``phi_stats_ready``; ``reset`` keeps them: they calibrate the threshold, like a
-    BatchNorm's running statistics.
+    BatchNorm's running statistics, and evaluation does not change them.
 
     The threshold, on the PHI scale (``threshold``):
 
@@ -380,18 +387,25 @@ class IITGuidedMemory(nn.Module):
         return self.out_proj(read), mass if self.stream else mass.mean(0, keepdim=True)
 
     @torch.no_grad()
-    def _update_phi_stats(self, phi: Tensor) -> None:
-        """Fold the candidates' PHI into the running mean and variance: in training mode, and
-        at the first write ever in any mode (so an untrained model has a threshold too)."""
+    def _write_threshold(self, phi: Tensor) -> Tensor:
+        """The threshold this write applies to candidates ``phi``. Standardised: a write in
+        training mode first folds the candidates into the running mean and variance (the first
+        one starts them); in eval mode they stay as training left them, and a model that never
+        wrote in training standardises each write by its own candidates."""
         if not self.standardised or phi.numel() == 0:
-            return
-        mean = phi.mean()
-        var = phi.var(unbiased=False)
-        m = PHI_STATS_MOMENTUM if self.training else 0.0
+            return self.threshold.detach()
+        mean, var = phi.mean(), phi.var(unbiased=False)
         ready = self.phi_stats_ready
-        self.phi_running_mean = torch.where(ready, (1 - m) * self.phi_running_mean + m * mean, mean)
-        self.phi_running_var = torch.where(ready, (1 - m) * self.phi_running_var + m * var, var)
-        self.phi_stats_ready = torch.ones_like(ready)
+        if self.training:
+            m = PHI_STATS_MOMENTUM
+            self.phi_running_mean = torch.where(
+                ready, (1 - m) * self.phi_running_mean + m * mean, mean
+            )
+            self.phi_running_var = torch.where(ready, (1 - m) * self.phi_running_var + m * var, var)
+            self.phi_stats_ready = ready = torch.ones_like(ready)
+        mean = torch.where(ready, self.phi_running_mean, mean)
+        spread = torch.where(ready, self.phi_running_var, var).clamp_min(0).sqrt()
+        return mean + spread.clamp_min(PHI_SPREAD_FLOOR) * self.threshold_raw.detach()
 
     @torch.no_grad()
     def write(self, cand: MemoryCandidates, priority_weight: float) -> dict[str, Tensor]:
@@ -400,8 +414,8 @@ class IITGuidedMemory(nn.Module):
         Per group of candidates and its memory row:
 
         1. usage <- decay * usage + (1 - decay) * slot_mass / max(slot_mass) on valid slots;
-           every valid slot ages by one. (Standardised threshold: the running PHI statistics
-           take in every group's candidates first.)
+           every valid slot ages by one. (Standardised threshold, training mode: the running PHI
+           statistics take in every group's candidates first; see ``_write_threshold``.)
         2. Candidates with PHI > threshold are accepted, highest PHI first, at most
            K = min(N, write budget) of them (budget: ceil(memory_write_fraction * S)).
         3. They go to free slots first, then evict valid slots in increasing order of
@@ -424,8 +438,8 @@ class IITGuidedMemory(nn.Module):
         valid, usage, age = of_rows(self.valid), of_rows(self.usage), of_rows(self.age)
         slot_phi = of_rows(self.phi)
         phi = cand.phi.to(self.phi)
-        self._update_phi_stats(phi)
-        accepted = phi > self.threshold.detach()  # (G, N)
+        threshold = self._write_threshold(phi)
+        accepted = phi > threshold  # (G, N)
         if cand.slot_mass is not None:
             mass = cand.slot_mass.to(usage)
             mass = mass / mass.amax(-1, keepdim=True).clamp_min(_EPS)
@@ -465,14 +479,20 @@ class IITGuidedMemory(nn.Module):
         self._store("usage", put(usage, torch.zeros_like(usage[:, :K])), rows)
         self._store("age", put(age, torch.zeros_like(age[:, :K])), rows)
         self._store("valid", put(valid, torch.ones_like(valid[:, :K])), rows)
-        return self._write_stats(phi, accepted, take, evicted, evicted_age)
+        return self._write_stats(phi, threshold, accepted, take, evicted, evicted_age)
 
     def _store(self, name: str, new: Tensor, rows: Tensor | None) -> None:
         """Replace buffer ``name`` with ``new`` (G, S, ...) written into ``rows``."""
         setattr(self, name, new if rows is None else getattr(self, name).index_copy(0, rows, new))
 
     def _write_stats(
-        self, phi: Tensor, accepted: Tensor, take: Tensor, evicted: Tensor, evicted_age: Tensor
+        self,
+        phi: Tensor,
+        threshold: Tensor,
+        accepted: Tensor,
+        take: Tensor,
+        evicted: Tensor,
+        evicted_age: Tensor,
     ) -> dict[str, Tensor]:
         """One write's statistics (0-dim tensors; NaN where nothing was there to measure)."""
         N = phi.numel()
@@ -488,6 +508,7 @@ class IITGuidedMemory(nn.Module):
             "memory_evicted_age": torch.where(n_evicted > 0, age_sum / n_evicted.clamp_min(1), nan),
             "candidate_phi_mean": phi.mean() if N else torch.zeros((), device=phi.device),
             **self.stat_tensors(),
+            "threshold": threshold,  # the one this write applied
         }
         for tag, member in (("accepted", accepted), ("rejected", ~accepted)):
             for level, value in zip(PERCENTILES, percentiles(phi, member), strict=True):

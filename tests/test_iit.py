@@ -306,22 +306,27 @@ def test_write_budget_lets_slots_outlive_a_step() -> None:
 
 
 def test_standardised_threshold_follows_the_candidates_phi() -> None:
-    """The threshold is mu + z * sigma of the candidates' running PHI statistics: updated by
-    writes in training mode (and by the first write ever), fixed in eval mode."""
+    """The threshold is mu + z * sigma of the candidates' running PHI statistics, updated by
+    writes in training mode only; before any, a write standardises by its own candidates."""
     mem = memory(slots=16, threshold_mode="standardised", threshold_z_init=0.5)
     assert "phi_running_mean" in mem.state_dict() and mem.threshold_raw.item() == 0.5
     mem.eval()
     phi = torch.tensor([5.0, 6.0, 7.0, 8.0])
-    stats = write(mem, candidates(phi.tolist()))  # first write: the statistics start from it
     mean, std = phi.mean().item(), phi.std(unbiased=False).item()
-    assert mem.phi_running_mean.item() == pytest.approx(mean)
-    assert stats["threshold"] == pytest.approx(mean + 0.5 * std)  # 7.06: 7 and 8 pass... 8 only
+    stats = write(mem, candidates(phi.tolist()))  # untrained, eval: its own candidates
+    assert stats["threshold"] == pytest.approx(mean + 0.5 * std)  # 7.06: only 8 passes
     assert stats["writes"] == 1 and stats["memory_accepted_fraction"] == 0.25
-    write(mem, candidates([1.0, 2.0]))  # eval mode: the statistics stay
-    assert mem.phi_running_mean.item() == pytest.approx(mean)
+    assert not mem.phi_stats_ready and mem.phi_running_mean.item() == 0.0  # nothing stored
     mem.train()
-    write(mem, candidates([1.0, 3.0]))  # training: an EMA step toward the new candidates
+    write(mem, candidates(phi.tolist()))  # the first training write starts the statistics
+    assert mem.phi_running_mean.item() == pytest.approx(mean)
+    assert mem.threshold.item() == pytest.approx(mean + 0.5 * std)
+    write(mem, candidates([1.0, 3.0]))  # then an EMA step toward the new candidates
     assert mem.phi_running_mean.item() == pytest.approx(0.95 * mean + 0.05 * 2.0)
+    mem.eval()
+    stats = write(mem, candidates([1.0, 2.0]))  # eval mode: the statistics stay
+    assert mem.phi_running_mean.item() == pytest.approx(0.95 * mean + 0.05 * 2.0)
+    assert stats["threshold"] == pytest.approx(mem.threshold.item())
     mem.reset()  # emptying the slots keeps the calibration
     assert mem.phi_running_mean.item() == pytest.approx(0.95 * mean + 0.05 * 2.0)
 
@@ -334,8 +339,8 @@ def test_standardised_read_gate_is_sensitive_where_the_absolute_one_saturates() 
     grads, gates = {}, {}
     for mode in ("absolute", "standardised"):
         mem = memory(slots=16, d=8, threshold_mode=mode)
+        write(mem, candidates(phi))  # in training mode: the statistics take these candidates
         mem.eval()
-        write(mem, candidates(phi))
         mem.threshold_raw.grad = None
         read, _ = mem(torch.randn(2, 4, 8, generator=torch.Generator().manual_seed(0)))
         read.pow(2).sum().backward()
