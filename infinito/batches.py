@@ -109,7 +109,11 @@ class TrainData:
                 "batch_size or data.seq_len, or use more data"
             )
         sub = train[: min(len(train), len(val))]  # a memmap slice: nothing is read yet
-        documents = {s: read_documents(data_dir, s, meta) for s in ("train", "validation")}
+        documents = (
+            {s: read_documents(data_dir, s, meta) for s in ("train", "validation")}
+            if stream
+            else {}
+        )
         return cls(
             train,
             val,
@@ -120,8 +124,8 @@ class TrainData:
             nonoverlapping_windows(len(sub), seq_len),
             seq_len,
             batch_size,
-            documents["train"] if stream else None,
-            documents["validation"] if stream else None,
+            documents.get("train"),
+            documents.get("validation"),
         )
 
 

@@ -41,11 +41,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
 from scipy import stats
 
 from infinito.atomic import write_json
-from infinito.config import apply_overrides, load_params
+from infinito.config import load_params, write_params
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 T = 64  # the context of every arm but the last
@@ -120,13 +119,11 @@ def run(cmd: list[str], log: Path) -> float:
     return time.perf_counter() - t0
 
 
-def write_params(path: Path, overrides: dict[str, Any]) -> None:
-    """This checkout's params.yaml with ``overrides``; validated before any run uses it."""
-    with (REPO_ROOT / "params.yaml").open() as f:
-        raw = yaml.safe_load(f)
+def run_params(path: Path, overrides: dict[str, Any]) -> None:
+    """This checkout's params.yaml with ``overrides`` (as ``dvc exp run -S`` edits it),
+    validated before any stage reads it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as f:
-        yaml.safe_dump(apply_overrides(raw, overrides), f, sort_keys=False)
+    write_params(path, overrides, base=REPO_ROOT / "params.yaml")
     load_params(path)
 
 
@@ -136,7 +133,7 @@ def prepare_data(source: Path, work: Path) -> Path:
     if (tokenized / "meta.json").is_file():
         return tokenized
     params = work / "data" / "params.yaml"
-    write_params(params, {**BASE, "data.source": str(source.resolve())})
+    run_params(params, {**BASE, "data.source": str(source.resolve())})
     py, log = sys.executable, work / "data" / "stages.log"
     raw = work / "data" / "raw"
     run([py, "-m", "infinito.data.download", "--params", str(params), "--out", str(raw)], log)
@@ -151,7 +148,7 @@ def one(arm: str, seed: int, data: Path, work: Path) -> dict[str, Any]:
     done = metrics / "wall.json"
     if not done.is_file():
         params = d / "params.yaml"
-        write_params(params, {**BASE, **ARMS[arm], "seed": seed})
+        run_params(params, {**BASE, **ARMS[arm], "seed": seed})
         py, log = sys.executable, d / "stages.log"
         train = [
             *(py, "-m", "infinito.train", "--params", str(params), "--data", str(data)),
