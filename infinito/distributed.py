@@ -262,7 +262,7 @@ def gather_candidates(
             ]
         )
         totals = all_reduce_sum(torch.cat([windows, weighted.reshape(-1)]))
-        windows, weighted = totals[:1], totals[1:]
+        windows, weighted = totals[:1], totals[1:].view(1, -1)  # (1, S): the one group's
     mass = (weighted / windows).to(mass_dtype) if with_mass else None
     return joined._replace(slot_mass=mass)
 
