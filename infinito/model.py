@@ -47,6 +47,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub import PyTorchModelHubMixin, snapshot_download
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -188,8 +189,20 @@ class ModelOutput(NamedTuple):
     candidates: MemoryCandidates | None
 
 
-class Infinito(nn.Module):
-    """INFINITO V5.2. ``Infinito(ModelConfig())`` has the seed's dimensions."""
+class Infinito(
+    nn.Module,
+    PyTorchModelHubMixin,
+    library_name="infinito",
+    license="mit",
+    pipeline_tag="text-generation",
+    tags=["infinito", "causal-lm", "iit-memory"],
+):
+    """INFINITO V5.2. ``Infinito(ModelConfig())`` has the seed's dimensions.
+
+    ``PyTorchModelHubMixin`` adds ``save_pretrained``, ``from_pretrained`` (a directory or a
+    Hub repo id) and ``push_to_hub``; they read and write the same two files as ``save`` and
+    ``from_checkpoint``, strictly, memory buffers included (see docs/export.md).
+    """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -541,10 +554,53 @@ class Infinito(nn.Module):
 
     def save(self, path: str | Path) -> None:
         """Write ``path/model.safetensors`` (weights and memory) and ``path/config.json``."""
-        tensors = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
         with atomic_dir(path) as tmp:
-            save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-            write_json(tmp / CONFIG_FILE, self.config.to_dict())
+            self._write_checkpoint(tmp)
+
+    def _write_checkpoint(self, directory: Path) -> None:
+        tensors = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+        write_json(directory / CONFIG_FILE, self.config.to_dict())
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        """``save_pretrained``'s files: the checkpoint ``save`` writes, in ``save_directory``."""
+        self._write_checkpoint(Path(save_directory))
+
+    @classmethod
+    def _from_pretrained(
+        cls,
+        *,
+        model_id: str,
+        revision: str | None,
+        cache_dir: str | Path | None,
+        force_download: bool,
+        local_files_only: bool,
+        token: str | bool | None,
+        map_location: str = "cpu",
+        **model_kwargs: object,
+    ) -> Infinito:
+        """``from_pretrained``: a local directory or a Hub repo's two files, loaded strictly by
+        ``from_checkpoint``, in eval mode (the mixin's convention)."""
+        model_kwargs.pop("config", None)  # the mixin's lenient parse; from_checkpoint re-reads it
+        if model_kwargs:
+            raise TypeError(
+                f"Infinito.from_pretrained got unexpected arguments {sorted(model_kwargs)}; the "
+                f"model is described by its {CONFIG_FILE}"
+            )
+        path = Path(model_id)
+        if not path.is_dir():
+            path = Path(
+                snapshot_download(
+                    repo_id=model_id,
+                    revision=revision,
+                    cache_dir=cache_dir,
+                    force_download=force_download,
+                    local_files_only=local_files_only,
+                    token=token,
+                    allow_patterns=[CONFIG_FILE, WEIGHTS_FILE],
+                )
+            )
+        return cls.from_checkpoint(path, map_location=map_location).eval()
 
     @classmethod
     def from_checkpoint(

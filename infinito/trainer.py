@@ -14,7 +14,8 @@ drives it; each method below is one part of the loop and reads top to bottom:
 - ``flush``: one host read of the pending steps' numbers, which raises on NaN/inf;
 - ``validate`` and ``record``: rank 0 scores the validation split; best model, plateau schedule
   and early stopping;
-- ``save``: the resumable state, written in the background;
+- ``save``: the resumable state, written in the background; ``check_stop``: after SIGINT or
+  SIGTERM, a save and ``TrainingInterrupted``;
 - ``finish``: the last validation, the final train-prefix score and ``metrics/train.json``'s
   numbers.
 

@@ -155,6 +155,21 @@ def wikitext_valid() -> Path:
     return WIKITEXT_VALID
 
 
+@pytest.fixture
+def hub_offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The Hugging Face libraries of this process offline (a Hub call fails at once instead of
+    waiting on the network) and their dataset cache under tmp_path. They read HF_HUB_OFFLINE
+    at import, so the module constants are patched as well as the environment."""
+    import datasets.config
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-datasets")
+
+
 def markov_tokens(n: int, vocab_size: int, seed: int) -> np.ndarray:
     """A learnable token stream: every token is followed by one of three fixed successors."""
     successors = np.random.default_rng(0).integers(0, vocab_size, size=(vocab_size, 3))

@@ -36,3 +36,21 @@ def populate(model: Infinito, calls: int = 3) -> None:
         for i in range(calls):
             model.write_memory(model(tokens(4, seed=100 + i)).candidates)
     assert model.memory is not None and bool(model.memory.valid.any())
+
+
+def randomise(model: torch.nn.Module, seed: int = 5) -> torch.nn.Module:
+    """Every backbone parameter random and of order one (biases and LayerNorms too), in place.
+
+    For tests comparing two implementations (INFINITO and transformers' GPT-2): a swapped,
+    untransposed or differently activated tensor then shows in the logits, while at GPT-2's
+    initialisation (std 0.02, zero biases, unit norms) tanh and erf GELU agree within 1e-4.
+    The IIT parts (memory, phi weights) keep their values. Works on either model's names.
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.startswith(("memory.", "phi_weights.")):
+                continue
+            base = 1.0 if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")) else 0.0
+            p.copy_(base + 0.3 * torch.randn(p.shape, generator=g))
+    return model

@@ -1,4 +1,5 @@
-"""The data stages: ``download`` (raw text splits) and ``tokenize`` (GPT-2 BPE memmaps)."""
+"""The data stages, ``download`` (raw text splits) and ``tokenize`` (GPT-2 BPE memmaps), and
+``splits``, the readers of their output that training and evaluation share."""
 
 
 class DataError(RuntimeError):
