@@ -25,6 +25,7 @@ bench: setup
 lint: setup
 	$(BIN)/ruff check infinito pipelines tests
 	$(BIN)/ruff format --check infinito pipelines tests
+	$(BIN)/hadolint Dockerfile
 
 clean-venv:
 	rm -rf $(VENV)

@@ -23,6 +23,17 @@ the ratios ``speedup_vs_hf_b{B}_p{P}`` (IIT with cache over HF, tokens/s),
 ``kv_speedup_{variant}_b{B}_p{P}`` and ``iit_over_ablation_b{B}_p{P}``; ``peak_memory_mb`` is the
 process's peak RSS on CPU, the peak allocated tensor memory on CUDA (per configuration too).
 
+CPU decoding variants (``benchmark.quantized_variants``, e.g. ``[bf16, int8]``; empty by
+default): each variant of the checkpoint (``infinito/quantize.py``) and the fp32 checkpoint are
+timed on the CPU, whatever the stage's device, at batch 1 for each prompt length, in turns with
+Hugging Face's fp32 ``generate`` on the CPU in the same run; and each scores the first
+``benchmark.quantized_ppl_tokens`` tokens of the test split (``--data``, non-overlapping windows
+of block_size, memory reset first, as the evaluate stage streams). Keys:
+``cpu_{fp32|bf16|int8|hf_fp32}_b1_p{P}_{metric}``, ``cpu_{variant}_speedup_vs_hf_fp32_b1_p{P}``,
+``cpu_{variant}_speedup_vs_fp32_b1_p{P}``, ``cpu_{variant}_test_ppl``,
+``cpu_{variant}_test_ppl_rel_change`` (variant over fp32, minus 1), ``cpu_{variant}_weight_mb``,
+``cpu_ppl_tokens``.
+
 Step timing needs no instrumentation inside the model: ``Infinito.generate`` applies the output
 head once per new token, and a forward hook on it records when each step's forward pass ends, so
 what is timed is the same ``generate`` that the generate-samples stage calls (HF's is stamped by
@@ -232,6 +243,70 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
 
 
+PPL_BATCH = 8  # test windows per forward pass when a variant scores perplexity
+
+
+def cpu_variants(
+    cfg: BenchmarkConfig, seed: int, model_dir: Path, data_dir: Path, mcfg: ModelConfig
+) -> dict[str, float]:
+    """CPU decoding variants at batch 1 against HF's fp32 generate, and their test perplexity."""
+    from infinito.data.splits import check_vocab, nonoverlapping_windows, open_split, read_meta
+    from infinito.model import Infinito
+    from infinito.quantize import inference_variant, weight_bytes
+    from infinito.scoring import score
+
+    cpu = torch.device("cpu")
+    meta = read_meta(data_dir)
+    check_vocab(
+        mcfg.vocab_size,
+        meta["vocab_size"],
+        f"the checkpoint in {model_dir}",
+        f"the tokenizer in {Path(data_dir) / 'meta.json'}",
+    )
+    test = open_split(data_dir, "test", meta)
+    n = len(test) if cfg.quantized_ppl_tokens == 0 else min(len(test), cfg.quantized_ppl_tokens)
+    windows = nonoverlapping_windows(n, mcfg.block_size)
+    variants = ("fp32", *cfg.quantized_variants)
+    models = {
+        v: inference_variant(Infinito.from_checkpoint(model_dir, map_location="cpu"), v)
+        for v in variants
+    }
+    hf = hf_reference_model(mcfg, seed, cpu)
+    gen = torch.Generator().manual_seed(seed)
+    out: dict[str, float] = {"cpu_ppl_tokens": float(sum(w.scored for w in windows))}
+    for p in cfg.prompt_lengths:
+        idx = torch.randint(0, mcfg.vocab_size, (1, p), generator=gen)
+        contestants: dict[str, Callable[[], RunTimes]] = {
+            f"cpu_{v}_b1_p{p}": lambda m=m, x=idx: infinito_run(
+                m, x, cfg.new_tokens, True, cpu, torch.float32
+            )
+            for v, m in models.items()
+        }
+        contestants[f"cpu_hf_fp32_b1_p{p}"] = lambda x=idx: hf_run(
+            hf, x, cfg.new_tokens, cpu, torch.float32
+        )
+        runs, _ = interleaved(contestants, cfg.warmup, cfg.repeats, cpu)
+        for prefix, timings in runs.items():
+            for key, value in summarise(timings, 1, cfg.new_tokens).items():
+                out[f"{prefix}_{key}"] = value
+        for v in variants:
+            speed = out[f"cpu_{v}_b1_p{p}_tokens_per_sec"]
+            out[f"cpu_{v}_speedup_vs_hf_fp32_b1_p{p}"] = (
+                speed / out[f"cpu_hf_fp32_b1_p{p}_tokens_per_sec"]
+            )
+            out[f"cpu_{v}_speedup_vs_fp32_b1_p{p}"] = (
+                speed / out[f"cpu_fp32_b1_p{p}_tokens_per_sec"]
+            )
+    for v, m in models.items():
+        out[f"cpu_{v}_weight_mb"] = weight_bytes(m) / 2**20
+        out[f"cpu_{v}_test_ppl"] = score(m, test, windows, PPL_BATCH, cpu, torch.float32).ppl
+    for v in cfg.quantized_variants:
+        out[f"cpu_{v}_test_ppl_rel_change"] = (
+            out[f"cpu_{v}_test_ppl"] / out["cpu_fp32_test_ppl"] - 1
+        )
+    return out
+
+
 def run_benchmark(
     cfg: BenchmarkConfig,
     seed: int,
@@ -239,12 +314,20 @@ def run_benchmark(
     metrics_path: Path | None,
     device: str = "auto",
     precision: str = "auto",
+    data_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Time the grid and write ``metrics_path`` (when given); returns the flat metrics."""
+    """Time the grid and write ``metrics_path`` (when given); returns the flat metrics.
+
+    ``data_dir`` (the tokenized splits) is needed only for ``benchmark.quantized_variants``.
+    """
     from infinito.model import Infinito, checkpoint_config
 
     mcfg = checkpoint_config(model_dir)
     check_grid(cfg, mcfg.block_size)
+    if cfg.quantized_variants and data_dir is None:
+        raise ConfigError(
+            "benchmark.quantized_variants scores test perplexity: pass --data data/tokenized"
+        )
 
     dev = resolve_device(device)
     dtype = resolve_dtype(precision, dev)
@@ -312,6 +395,9 @@ def run_benchmark(
             metrics[f"speedup_vs_hf_{grid}"] = (
                 metrics[f"iit_kv_{grid}_tokens_per_sec"] / metrics[f"hf_{grid}_tokens_per_sec"]
             )
+    if cfg.quantized_variants:
+        assert data_dir is not None
+        metrics.update(cpu_variants(cfg, seed, model_dir, data_dir, mcfg))
     metrics["peak_memory_mb"] = peak_memory_mb(dev)
     metrics["peak_memory_kind"] = "max_allocated" if dev.type == "cuda" else "rss"
     if metrics_path is not None:
@@ -342,6 +428,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--metrics", type=Path, help="write the metrics JSON here")
     p.add_argument(
+        "--data",
+        type=Path,
+        help="tokenized splits (data/tokenized), for benchmark.quantized_variants' perplexity",
+    )
+    p.add_argument(
         "--quick", action="store_true", help="smoke run: batch 1, prompt 8, 8 new tokens, 1 repeat"
     )
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: train.device)")
@@ -360,6 +451,7 @@ def main(argv: list[str] | None = None) -> int:
             args.metrics,
             device=args.device or params.train.device,
             precision=params.train.precision,
+            data_dir=args.data,
         )
     except ConfigError as e:
         print(f"infinito benchmark: {e}", file=sys.stderr)

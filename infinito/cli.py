@@ -24,6 +24,7 @@ COMMANDS = {
     "report": ("infinito.report", "table of DVC experiments with significance tests"),
     "export": ("", "a transformers GPT-2 or Hub folder with tokenizer and model card"),
     "lm-eval": ("", "score a checkpoint or Hub model with lm-evaluation-harness"),
+    "serve": ("infinito.serve.server", "serve a checkpoint: OpenAI-compatible API and playground"),
 }
 
 

@@ -36,6 +36,9 @@ WIKITEXT_SOURCES = (
 )
 SPLITS = ("train", "validation", "test")
 PARAMS_FILE = "params.yaml"  # DVC's default params file, at the repository root
+# Inference numerics for CPU decoding (infinito/quantize.py): fp32 as trained, bf16 weights,
+# int8 dynamic quantization of the linear layers.
+INFERENCE_DTYPES = ("fp32", "bf16", "int8")
 
 
 class ConfigError(ValueError):
@@ -454,8 +457,25 @@ class BenchmarkConfig(Section):
     repeats: int = 5
     warmup: int = 1
     hf_reference: bool = True
+    # CPU decoding variants timed at batch 1 against HF's fp32 generate, with their test
+    # perplexity; empty: none (the seed's benchmark). fp32 is always the reference.
+    quantized_variants: tuple[str, ...] = ()
+    quantized_ppl_tokens: int = 32768  # test-split tokens each variant scores; 0: all
 
     def __post_init__(self) -> None:
+        for v in self.quantized_variants:
+            _check(
+                v in INFERENCE_DTYPES[1:],
+                "benchmark.quantized_variants",
+                list(self.quantized_variants),
+                f"must list only {', '.join(INFERENCE_DTYPES[1:])}",
+            )
+        _check(
+            self.quantized_ppl_tokens >= 0,
+            "benchmark.quantized_ppl_tokens",
+            self.quantized_ppl_tokens,
+            "must be >= 0 (0: the whole test split)",
+        )
         for key in ("batch_sizes", "prompt_lengths"):
             v = getattr(self, key)
             _check(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -132,3 +133,53 @@ def test_cli_quick_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert main(argv) == 0
     assert "iit_kv_b1_p8_tokens_per_sec" in json.loads(out.read_text())
     assert "iit_kv_b1_p8_tokens_per_sec" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- CPU decoding variants
+
+
+def variant_keys(cfg: BenchmarkConfig) -> set[str]:
+    variants = ("fp32", *cfg.quantized_variants)
+    keys = {"cpu_ppl_tokens"}
+    for p in cfg.prompt_lengths:
+        for prefix in [*(f"cpu_{v}" for v in variants), "cpu_hf_fp32"]:
+            keys |= {f"{prefix}_b1_p{p}_{m}" for m in METRICS}
+        for v in variants:
+            keys |= {f"cpu_{v}_speedup_vs_hf_fp32_b1_p{p}", f"cpu_{v}_speedup_vs_fp32_b1_p{p}"}
+    for v in variants:
+        keys |= {f"cpu_{v}_test_ppl", f"cpu_{v}_weight_mb"}
+    keys |= {f"cpu_{v}_test_ppl_rel_change" for v in cfg.quantized_variants}
+    return keys
+
+
+def test_quantized_variants_add_cpu_speed_and_perplexity_keys(
+    tmp_path: Path, tokenized_data: Any
+) -> None:
+    _save(tmp_path / "best")
+    data = tokenized_data({"train": 200, "validation": 200, "test": 300}, vocab_size=128)
+    cfg = BenchmarkConfig(batch_sizes=(1,), prompt_lengths=(4,), new_tokens=3, repeats=1,
+                          warmup=0, hf_reference=False, quantized_variants=("bf16", "int8"),
+                          quantized_ppl_tokens=200)  # fmt: skip
+    m = run_benchmark(cfg, 0, tmp_path / "best", None, device="cpu", data_dir=data)
+    assert set(m) == documented_keys(cfg) | variant_keys(cfg)
+    assert m["cpu_ppl_tokens"] == 199  # 200 tokens: 199 next-token targets
+    assert m["cpu_fp32_speedup_vs_fp32_b1_p4"] == 1.0
+    assert m["cpu_int8_weight_mb"] < m["cpu_fp32_weight_mb"]
+    assert m["cpu_bf16_weight_mb"] == pytest.approx(m["cpu_fp32_weight_mb"] / 2, rel=0.01)
+    # quantization moves perplexity a little, never to a different model
+    for v in ("bf16", "int8"):
+        assert 0 < abs(m[f"cpu_{v}_test_ppl_rel_change"]) < 0.05, v
+        expected = m[f"cpu_{v}_test_ppl"] / m["cpu_fp32_test_ppl"] - 1
+        assert m[f"cpu_{v}_test_ppl_rel_change"] == pytest.approx(expected)
+
+
+def test_quantized_variants_need_the_tokenized_data(tmp_path: Path) -> None:
+    _save(tmp_path / "best")
+    cfg = BenchmarkConfig(quantized_variants=("int8",), prompt_lengths=(4,), new_tokens=2)
+    with pytest.raises(ConfigError, match="--data data/tokenized"):
+        run_benchmark(cfg, 0, tmp_path / "best", None, device="cpu")
+
+
+def test_unknown_quantized_variant_is_rejected_naming_the_key() -> None:
+    with pytest.raises(ConfigError, match="benchmark.quantized_variants.*bf16, int8"):
+        BenchmarkConfig(quantized_variants=("fp16",))
