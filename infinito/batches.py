@@ -1,9 +1,17 @@
 """Which training windows each optimizer step, process and micro-batch reads.
 
-The train split (a read-only memmap, never loaded whole) is cut into non-overlapping windows:
-window ``i`` is tokens ``[i*seq_len, i*seq_len + seq_len + 1)``. Each epoch visits them in the
-order ``epoch_order(seed, epoch, n_windows)``; optimizer step ``s`` of the epoch takes the global
-batch ``order[s*batch_size : (s+1)*batch_size]``, whatever the number of processes.
+The train split (a read-only memmap, never loaded whole) is cut into windows of ``seq_len``
+inputs and their ``seq_len`` next-token targets. An epoch is a tensor of window start offsets
+(tokens), ``batch_size`` per step; optimizer step ``s`` of the epoch takes the global batch
+``starts[s*batch_size : (s+1)*batch_size]``, whatever the number of processes:
+
+- shared memory and the ablation: the non-overlapping windows ``[i*seq_len, i*seq_len +
+  seq_len + 1)`` in the order ``epoch_order(seed, epoch, n_windows)``, a seeded permutation;
+- stream memories (``model.memory_scope: stream``): ``stream_order``, Transformer-XL's layout.
+  The split is cut into ``batch_size`` contiguous stretches and row b of step s reads window s
+  of stretch b, so every row continues its own text; each epoch shifts the stretches by a
+  seeded offset below ``seq_len``. ``TrainData.resets`` says which rows' memories to empty
+  before a step: all at an epoch's start, else those whose stream entered a new document.
 
 ``StepLayout`` splits that global batch: into ``world`` contiguous shards whose sizes differ by
 at most one (process ``r`` takes shard ``r``), and each shard into the same number of contiguous
@@ -26,8 +34,10 @@ from infinito.config import ConfigError, Params
 from infinito.data.splits import (
     Window,
     check_vocab,
+    document_crossed,
     nonoverlapping_windows,
     open_split,
+    read_documents,
     read_meta,
     window_batch,
 )
@@ -38,7 +48,8 @@ class TrainData:
     """The tokenized splits training reads (memmaps) and their windows.
 
     ``sub``: a train prefix as long as the validation split, for the final train loss measured
-    with validation's protocol.
+    with validation's protocol. ``train_documents``, ``val_documents``: the splits' document
+    start offsets, for stream memories (None otherwise).
     """
 
     train: np.ndarray
@@ -48,6 +59,30 @@ class TrainData:
     steps_per_epoch: int
     val_windows: list[Window]
     sub_windows: list[Window]
+    seq_len: int
+    batch_size: int
+    train_documents: np.ndarray | None = None
+    val_documents: np.ndarray | None = None
+
+    @property
+    def stream(self) -> bool:
+        return self.train_documents is not None
+
+    def epoch_starts(self, seed: int, epoch: int) -> torch.Tensor:
+        """Every window start of the epoch (tokens), ``batch_size`` per step, in step order."""
+        if self.stream:
+            return stream_order(seed, epoch, len(self.train), self.batch_size, self.seq_len)
+        return epoch_order(seed, epoch, self.n_windows) * self.seq_len
+
+    def resets(self, starts: torch.Tensor, first: bool) -> torch.Tensor | None:
+        """Stream memories: which rows (bool, (batch_size,)) to empty before the step reading
+        ``starts``, the first of its epoch or not; None without stream memories."""
+        if self.train_documents is None:
+            return None
+        if first:
+            return torch.ones(len(starts), dtype=torch.bool)
+        now = starts.numpy()
+        return torch.from_numpy(document_crossed(self.train_documents, now - self.seq_len, now))
 
     @classmethod
     def open(cls, data_dir: Path, params: Params) -> TrainData:
@@ -63,7 +98,10 @@ class TrainData:
         train = open_split(data_dir, "train", meta)
         val = open_split(data_dir, "validation", meta)
         n_windows = (len(train) - 1) // seq_len
+        stream = params.model.stream_memory
         steps_per_epoch = n_windows // batch_size
+        if stream:  # stretches of the split, room left for an epoch's offset
+            steps_per_epoch = max(0, (len(train) - seq_len) // batch_size // seq_len)
         if steps_per_epoch == 0:
             raise ConfigError(
                 f"the train split ({len(train)} tokens) holds {n_windows} windows of "
@@ -71,6 +109,11 @@ class TrainData:
                 "batch_size or data.seq_len, or use more data"
             )
         sub = train[: min(len(train), len(val))]  # a memmap slice: nothing is read yet
+        documents = (
+            {s: read_documents(data_dir, s, meta) for s in ("train", "validation")}
+            if stream
+            else {}
+        )
         return cls(
             train,
             val,
@@ -79,6 +122,10 @@ class TrainData:
             steps_per_epoch,
             nonoverlapping_windows(len(val), seq_len),
             nonoverlapping_windows(len(sub), seq_len),
+            seq_len,
+            batch_size,
+            documents.get("train"),
+            documents.get("validation"),
         )
 
 
@@ -86,6 +133,21 @@ def epoch_order(seed: int, epoch: int, n_windows: int) -> torch.Tensor:
     """The epoch's window order: a permutation from a generator seeded with (seed, epoch)."""
     rng = np.random.default_rng([seed, epoch])
     return torch.from_numpy(rng.permutation(n_windows).astype(np.int64))
+
+
+def stream_order(
+    seed: int, epoch: int, n_tokens: int, batch_size: int, seq_len: int
+) -> torch.Tensor:
+    """The stream layout's window starts: entry ``s * batch_size + b`` is window s of stretch b,
+    ``offset + b * stretch + s * seq_len``, with ``stretch = (n_tokens - seq_len) //
+    batch_size`` and an epoch's seeded offset in ``[0, seq_len)``; ``stretch // seq_len`` steps.
+    The last window read ends at most at the split's last token."""
+    stretch = (n_tokens - seq_len) // batch_size
+    steps = stretch // seq_len
+    offset = int(np.random.default_rng([seed, epoch, 1]).integers(0, seq_len))
+    rows = offset + stretch * torch.arange(batch_size, dtype=torch.int64)  # (B,)
+    steps_t = seq_len * torch.arange(steps, dtype=torch.int64)  # (S,)
+    return (steps_t[:, None] + rows[None, :]).reshape(-1)  # (S * B,)
 
 
 def _split(lo: int, hi: int, parts: int) -> list[tuple[int, int]]:
@@ -148,10 +210,17 @@ def step_layout(batch_size: int, world: int, rank: int, micro_batch_size: int | 
 
 
 def load_windows(
-    tokens: np.ndarray, idx: torch.Tensor, seq_len: int, device: torch.device
+    tokens: np.ndarray, starts: torch.Tensor, seq_len: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs and targets (B, seq_len) of the windows ``idx``, read from the memmap."""
-    xy = window_batch(tokens, (idx * seq_len).tolist(), seq_len)  # (B, seq_len + 1)
-    if device.type == "cuda":
-        xy = xy.pin_memory().to(device, non_blocking=True)
+    """Inputs and targets (B, seq_len) of the windows starting at ``starts`` (token offsets),
+    read from the memmap."""
+    xy = to_device(window_batch(tokens, starts.tolist(), seq_len), device)  # (B, seq_len + 1)
     return xy[:, :-1], xy[:, 1:]
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device``; pinned first on CUDA, so the copy does not wait for the
+    device's queued work."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)

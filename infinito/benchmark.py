@@ -340,6 +340,10 @@ def run_benchmark(
         if mcfg.iit
         else {"iit": other, "ablation": checkpoint}
     )
+    widest = max(cfg.batch_sizes)
+    for model in models.values():  # stream memories need a row per generated row
+        if model.config.stream_memory and model.memory.rows < widest:  # type: ignore[union-attr]
+            model.reset_memory(rows=widest)
 
     metrics: dict[str, Any] = {
         "device": str(dev),

@@ -189,10 +189,14 @@ class ModelConfig(Section):
     memory: bool = True  # IIT-guided external memory
     phi_loss: bool = True  # Delta-Phi auxiliary loss
     noise: bool = True  # exploration noise in training
-    memory_slots: int = 256
+    memory_slots: int = 256  # per memory (per stream with memory_scope: stream)
+    memory_scope: Literal["shared", "stream"] = "shared"  # one memory, or one per batch row
+    memory_write_fraction: float = 0.0625  # most slots one write may change, as a fraction
     phi_chunk: int = 32  # tokens per PHI chunk (one memory candidate per chunk)
-    threshold_init: float = 3.0  # on the PHI scale [0, 10]
-    threshold_temperature: float = 0.5  # softness of the read gate
+    threshold_mode: Literal["absolute", "standardised"] = "standardised"
+    threshold_init: float = 3.0  # absolute: the initial threshold on the PHI scale [0, 10]
+    threshold_z_init: float = 0.0  # standardised: initial threshold in std above mean PHI
+    threshold_temperature: float = 0.5  # read-gate softness (PHI units, or std: standardised)
     noise_std: float = 0.05  # relative to each token's hidden-state RMS
     phi_priority_weight: float = 0.8  # eviction priority weight on PHI vs usage
 
@@ -226,6 +230,18 @@ class ModelConfig(Section):
             "must be in (0, 10), the PHI scale",
         )
         _check(
+            0.0 < self.memory_write_fraction <= 1.0,
+            "model.memory_write_fraction",
+            self.memory_write_fraction,
+            "must be in (0, 1] (1: a write may replace every slot, the seed's behaviour)",
+        )
+        _check(
+            -5.0 <= self.threshold_z_init <= 5.0,
+            "model.threshold_z_init",
+            self.threshold_z_init,
+            "must be in [-5, 5] (standard deviations of candidate PHI around its mean)",
+        )
+        _check(
             self.threshold_temperature > 0,
             "model.threshold_temperature",
             self.threshold_temperature,
@@ -250,6 +266,12 @@ class ModelConfig(Section):
     @property
     def use_noise(self) -> bool:
         return self.iit and self.noise and self.noise_std > 0
+
+    @property
+    def stream_memory(self) -> bool:
+        """One memory per stream: training and evaluation read the data as batch-row streams.
+        The ablation ignores ``memory_scope``."""
+        return self.use_memory and self.memory_scope == "stream"
 
     @property
     def use_phi(self) -> bool:

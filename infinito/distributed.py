@@ -8,8 +8,9 @@ environment (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``) and joins a process group
 
 The trainer wraps the model in DistributedDataParallel and uses these collectives: rank 0 shares
 its decisions and numbers (the resumable state, validation losses, final metrics); the memory
-candidates of every process are gathered so that every process writes the same memory; a check at
-the end that every process holds the same weights and memory.
+candidates of every process are gathered so that every process writes the same memory (with
+stream memories, every process holds every row's memory and reads only its own rows'); a check
+at the end that every process holds the same weights and memory.
 """
 
 from __future__ import annotations
@@ -220,41 +221,74 @@ def gather_candidates(
 ) -> MemoryCandidates | None:
     """The memory candidates of one optimizer step's whole global batch, on every process.
 
-    ``parts``: this process's (candidates, windows) per micro-batch, in order. Chunks are joined
-    micro-batch by micro-batch and rank by rank, i.e. in the global batch's order, as one process
-    running the whole batch would produce them; ``slot_mass`` (the mean attention per slot) is
-    the window-weighted mean, exact also when processes hold different numbers of windows.
+    ``parts``: this process's (candidates, windows) per micro-batch, in order. Joined micro-batch
+    by micro-batch and rank by rank, i.e. in the global batch's order, as one process running
+    the whole batch would produce them. Shared memory: the chunks form one group and
+    ``slot_mass`` (the mean attention per slot) is the window-weighted mean, exact also when
+    processes hold different numbers of windows. Stream memories: every row's group, with its
+    own slot mass and memory row, so every process can write every row's memory.
     """
     if parts[0][0] is None:  # no memory: the same on every process
         return None
-    cands = [c for c, _ in parts if c is not None]
-    local = MemoryCandidates.cat(cands)
-    with_mass = all(c.slot_mass is not None for c in cands)
-    mass_dtype = cands[0].slot_mass.dtype if with_mass else torch.float32  # type: ignore[union-attr]
-    weighted = torch.zeros(0, device=local.phi.device)
+    cands = [(c, n) for c, n in parts if c is not None]
+    if cands[0][0].rows is not None:
+        local = MemoryCandidates.cat(cands)
+        return local if d.world == 1 else _gather_streams(local, d)
+    with_mass = all(c.slot_mass is not None for c, _ in cands)
+    mass_dtype = cands[0][0].slot_mass.dtype if with_mass else torch.float32  # type: ignore[union-attr]
+    local = MemoryCandidates.cat([(c._replace(slot_mass=None), n) for c, n in cands])
+    device = local.phi.device
+    weighted = torch.zeros(0, device=device)
     if with_mass:
-        weighted = sum(c.slot_mass.double() * n for c, n in parts)  # type: ignore[union-attr]
-    windows = torch.tensor([sum(n for _, n in parts)], dtype=torch.float64, device=local.phi.device)
+        weighted = sum(c.slot_mass.double() * n for c, n in cands)  # type: ignore[union-attr]
+    windows = torch.tensor([sum(n for _, n in parts)], dtype=torch.float64, device=device)
     joined = local
     if d.world > 1:
-        D = local.keys.shape[1]
-        rows = torch.cat([local.keys.float(), local.values.float(), local.phi.float()[:, None]], 1)
-        gathered = _all_gather_rows(rows, d)  # (N_r, 2D + 1) per rank
+        D = local.keys.shape[-1]
+        flat = [local.keys[0].float(), local.values[0].float(), local.phi[0].float()[:, None]]
+        gathered = _all_gather_rows(torch.cat(flat, 1), d)  # (N_r, 2D + 1) per rank
         joined = MemoryCandidates.cat(
             [
-                MemoryCandidates(
-                    keys=r[:, :D].to(local.keys.dtype),
-                    values=r[:, D : 2 * D].to(local.values.dtype),
-                    phi=r[:, 2 * D].to(local.phi.dtype),
-                    slot_mass=None,
+                (
+                    MemoryCandidates(
+                        keys=r[None, :, :D].to(local.keys.dtype),
+                        values=r[None, :, D : 2 * D].to(local.values.dtype),
+                        phi=r[None, :, 2 * D].to(local.phi.dtype),
+                        slot_mass=None,
+                    ),
+                    1,
                 )
                 for r in gathered
             ]
         )
         totals = all_reduce_sum(torch.cat([windows, weighted.reshape(-1)]))
-        windows, weighted = totals[:1], totals[1:]
+        windows, weighted = totals[:1], totals[1:].view(1, -1)  # (1, S): the one group's
     mass = (weighted / windows).to(mass_dtype) if with_mass else None
     return joined._replace(slot_mass=mass)
+
+
+def _gather_streams(local: MemoryCandidates, d: Dist) -> MemoryCandidates:
+    """Every process's stream groups (G_r rows of N chunks), stacked in rank order."""
+    G, N, D = local.keys.shape
+    assert local.rows is not None
+    packed = [
+        local.keys.float().reshape(G, N * D),
+        local.values.float().reshape(G, N * D),
+        local.phi.float(),
+        local.rows.float()[:, None],  # exact: rows are far below 2**24
+    ]
+    if local.slot_mass is not None:
+        packed.append(local.slot_mass.float())
+    gathered = torch.cat(_all_gather_rows(torch.cat(packed, 1), d))  # (B, F)
+    cut = 2 * N * D
+    mass = gathered[:, cut + N + 1 :]
+    return MemoryCandidates(
+        keys=gathered[:, : N * D].reshape(-1, N, D).to(local.keys.dtype),
+        values=gathered[:, N * D : cut].reshape(-1, N, D).to(local.values.dtype),
+        phi=gathered[:, cut : cut + N].to(local.phi.dtype),
+        slot_mass=mass.to(local.slot_mass.dtype) if local.slot_mass is not None else None,
+        rows=gathered[:, cut + N].round().long(),
+    )
 
 
 def _all_gather_rows(rows: torch.Tensor, d: Dist) -> list[torch.Tensor]:

@@ -20,10 +20,16 @@ count, word-level perplexity by its whitespace word count (both from ``meta.json
 Memory: the model runs in eval mode, its memory is reset at the start of each pass and the
 windows stream in order; after each batch the model writes that batch's candidates, so later
 windows read what earlier ones wrote (the model's normal operation; a write only becomes
-readable in a later call, so no window reads its own future). Windows in one batch read the same
-memory, so with the memory on, results depend on ``evaluate.batch_size``. Each pass is repeated
-with memory reads disabled: the difference is the memory's contribution. For a model without
-memory (the ablation) reads are already off and the ``*_no_memory`` keys repeat the main numbers.
+readable in a later call, so no window reads its own future). With the shared memory, windows
+in one batch read the same memory, so with the memory on, results depend on
+``evaluate.batch_size``; with stream memories (``model.memory_scope: stream``) the windows are
+cut into ``evaluate.batch_size`` contiguous streams, each with its own memory, emptied where its
+stream enters a new document, as in training (docs/memory.md). Each pass is repeated with memory
+reads disabled: the difference is the memory's contribution. For a model without memory (the
+ablation) reads are already off and the ``*_no_memory`` keys repeat the main numbers. The
+non-overlapping pass's write statistics (``{split}_memory_accepted_fraction`` and the others of
+``infinito.iit.WRITE_STATS``) are means over its writes; a statistic no write measured (no
+rejected candidate, no eviction) is left out.
 
 The scoring loop is ``infinito/scoring.py`` (training's validation runs the same one); the split
 readers and window protocols are ``infinito/data/splits.py``.
@@ -44,6 +50,7 @@ from infinito.data.splits import (
     check_vocab,
     nonoverlapping_windows,
     open_split,
+    read_documents,
     read_meta,
     sliding_windows,
 )
@@ -110,10 +117,13 @@ def evaluate(params: Params, model_dir: Path, data_dir: Path, metrics_path: Path
             "sliding_": sliding_windows(len(tokens), seq_len, stride),
         }
         metrics[f"{split}_tokens"] = len(tokens) - 1
+        docs = read_documents(data_dir, split, meta) if mcfg.stream_memory else None
         for infix, windows in protocols.items():
-            main = score(model, tokens, windows, cfg.batch_size, device, dtype)
+            main = score(model, tokens, windows, cfg.batch_size, device, dtype, documents=docs)
             if mcfg.use_memory:
-                no_mem = score(model, tokens, windows, cfg.batch_size, device, dtype, False)
+                no_mem = score(
+                    model, tokens, windows, cfg.batch_size, device, dtype, False, documents=docs
+                )
             else:
                 no_mem = main  # reads are already off: the same computation
             seconds += main.seconds + (no_mem.seconds if no_mem is not main else 0.0)
@@ -130,6 +140,9 @@ def evaluate(params: Params, model_dir: Path, data_dir: Path, metrics_path: Path
                 if main.memory:  # the memory at the end of the pass
                     metrics[f"{split}_memory_utilisation"] = main.memory["memory_utilisation"]
                     metrics[f"{split}_stored_phi_mean"] = main.memory["stored_phi_mean"]
+                metrics.update(
+                    {f"{split}_{k}": v for k, v in main.writes.items() if math.isfinite(v)}
+                )
             log.info(
                 "%s %s: loss %.4f  ppl %.2f  (no memory: ppl %.2f)",
                 split,

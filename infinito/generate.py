@@ -87,7 +87,9 @@ def run_generation(
     for prompt in cfg.prompts:
         ids = tokenizer.encode(prompt)
         idx = torch.tensor([ids] * cfg.samples_per_prompt, dtype=torch.long, device=device)
-        model.reset_memory()  # every prompt starts from the same, empty memory (see module doc)
+        # every prompt starts from the same, empty memory (see module doc); stream memories:
+        # one per sample, each reading only its own row's past
+        model.reset_memory(rows=len(idx))
         synchronize(device)
         start = time.perf_counter()
         with torch.no_grad(), autocast(device, dtype):

@@ -194,11 +194,15 @@ class InitSource:
 
 
 def _from_checkpoint(source: Infinito, fresh: Infinito) -> Infinito:
-    """``fresh`` with every tensor of ``source`` it has too, except the memory's contents."""
+    """``fresh`` with every tensor of ``source`` it has too, except the memory's contents (and
+    the threshold's parameter when the two measure it differently: ``model.threshold_mode``)."""
     state = fresh.state_dict()
     empty = set()
     if fresh.memory is not None:
-        empty = {f"memory.{name}" for name, _ in fresh.memory.named_buffers()}
+        # the slots' contents; the running PHI statistics calibrate the threshold and carry
+        empty = {f"memory.{name}" for name in fresh.memory.SLOT_BUFFERS}
+        if source.config.threshold_mode != fresh.config.threshold_mode:
+            empty.add("memory.threshold_raw")  # softplus^-1 of a PHI value, or a z-score
     carried = {k: v for k, v in source.state_dict().items() if k in state and k not in empty}
     for key, value in carried.items():
         if value.shape != state[key].shape:  # equal dimensions make this a bug

@@ -21,7 +21,11 @@ With ``config.iit`` (see ``infinito/iit.py`` for the parts and their formulas):
   detached: the loss moves the processing, not the embeddings;
 - each forward pass returns memory-write candidates (chunk summaries with their PHI); the
   caller applies them with ``write_memory`` after the pass, so a write is visible only from the
-  next call.
+  next call;
+- ``memory_scope: shared`` (the seed's) keeps one memory that every batch row reads and every
+  chunk is offered to; ``stream`` keeps one memory per stream (batch row): row b reads and
+  writes memory row ``memory_rows[b]`` only (``reset_memory(rows=R)`` sizes it,
+  ``clear_memory_rows`` empties single streams at document boundaries).
 
 Training loss: with targets, in training mode, the output head and the cross-entropy run
 together block by block (``infinito/losses.py``), so the (B, T, V) logits never exist whole and
@@ -29,9 +33,10 @@ together block by block (``infinito/losses.py``), so the (B, T, V) logits never 
 them, as evaluation does by default).
 
 Causality: the logits at position t depend only on tokens <= t of the same sequence and on the
-memory as it was when the call started. ``iit=False`` is the ablation: the same backbone, with
-parameters identical to the IIT model's at the same seed (the backbone is built and initialised
-before any IIT part).
+memory as it was when the call started; with stream memories, also only on the row's own
+memory, so one row's tokens never reach another row's logits. ``iit=False`` is the ablation:
+the same backbone, with parameters identical to the IIT model's at the same seed (the backbone
+is built and initialised before any IIT part), and no memory whatever ``memory_scope`` says.
 """
 
 from __future__ import annotations
@@ -246,9 +251,16 @@ class Infinito(
     # ------------------------------------------------------------------ forward
 
     def forward(
-        self, idx: Tensor, targets: Tensor | None = None, *, return_logits: bool | None = None
+        self,
+        idx: Tensor,
+        targets: Tensor | None = None,
+        memory_rows: Tensor | None = None,
+        *,
+        return_logits: bool | None = None,
     ) -> ModelOutput:
-        """idx (B, T) token ids, T <= block_size; targets (B, T) or None. See ``ModelOutput``.
+        """idx (B, T) token ids, T <= block_size; targets (B, T) or None; memory_rows (B,) the
+        stream memory's row of each batch row (``memory_scope: stream``; None: rows 0..B-1;
+        ignored by the shared memory). See ``ModelOutput``.
 
         ``return_logits`` (default: not when training with targets) returns the logits, and the
         loss is then computed from them; without, the loss is computed by blocks of rows
@@ -258,13 +270,14 @@ class Infinito(
         self._check_input(idx, targets)
         if return_logits is None:
             return_logits = targets is None or not self.training
+        rows = None if self.memory is None else self.memory.read_rows(idx.shape[0], memory_rows)
         x0 = self._embed(idx, start=0)  # (B, T, D)
         x = self.transformer.drop(x0)
         mid, slot_mass, qk = x, None, []
         for i, block in enumerate(self.transformer.h):
             if i == self.memory_layer:
                 mid = x
-                x, slot_mass = self._memory_point(x)
+                x, slot_mass = self._memory_point(x, rows)
             x, q, k = block(x)
             qk.append((q, k))
         h = self.transformer.ln_f(x)  # (B, T, D)
@@ -283,14 +296,14 @@ class Infinito(
                 targets.reshape(-1),
                 impl=self.cross_entropy,
             )
-        aux, stats, candidates = self._iit(x0, x, mid, slot_mass, qk[0], qk[-1])
+        aux, stats, candidates = self._iit(x0, x, mid, slot_mass, rows, qk[0], qk[-1])
         return ModelOutput(logits, loss, aux, stats, candidates)
 
     def _embed(self, idx: Tensor, start: int) -> Tensor:
         pos = torch.arange(start, start + idx.shape[1], device=idx.device)  # (T,)
         return self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, D)
 
-    def _memory_point(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+    def _memory_point(self, x: Tensor, rows: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """Middle of the network: add the memory read, then exploration noise (training only).
 
         The middle because the lower half has built contextual states to query with and the
@@ -299,7 +312,7 @@ class Infinito(
         """
         slot_mass = None
         if self.memory is not None and self._reads_enabled:
-            read, slot_mass = self.memory(x)
+            read, slot_mass = self.memory(x, rows)
             x = x + self.transformer.drop(read)
         if self.noise is not None:
             x = self.noise(x)
@@ -311,6 +324,7 @@ class Infinito(
         h: Tensor,
         mid: Tensor,
         slot_mass: Tensor | None,
+        rows: Tensor | None,
         qk_first: tuple[Tensor, Tensor],
         qk_last: tuple[Tensor, Tensor],
     ) -> tuple[Tensor, dict[str, Tensor], MemoryCandidates | None]:
@@ -344,14 +358,16 @@ class Infinito(
             stats[f"phi_weight_{name}"] = w
         if self.memory is None:
             return aux, stats, None
-        ends = mid[:, C - 1 : n * C : C]  # (B, n, D): each chunk's last state
-        means = mid[:, : n * C].reshape(B, n, C, D).mean(2)  # (B, n, D)
-        candidates = MemoryCandidates(
-            keys=ends.detach().reshape(B * n, D),
-            values=means.detach().reshape(B * n, D),
-            phi=phi.detach().float().reshape(B * n),
-            slot_mass=slot_mass,
-        )
+        ends = mid[:, C - 1 : n * C : C].detach()  # (B, n, D): each chunk's last state
+        means = mid[:, : n * C].detach().reshape(B, n, C, D).mean(2)  # (B, n, D)
+        phi = phi.detach().float()  # (B, n)
+        if rows is None:  # the shared memory: one group of every row's chunks
+            ends, means, phi = (
+                ends.reshape(1, B * n, D),
+                means.reshape(1, B * n, D),
+                phi.view(1, -1),
+            )
+        candidates = MemoryCandidates(ends, means, phi, slot_mass, rows)
         return aux, stats, candidates
 
     def _check_input(self, idx: Tensor, targets: Tensor | None) -> None:
@@ -382,16 +398,28 @@ class Infinito(
     def write_memory(self, candidates: MemoryCandidates | None) -> dict[str, Tensor]:
         """Write one forward pass's candidates (after the pass); {} when memory is off or None.
 
-        The statistics (candidates, writes, evictions, memory_utilisation, stored_phi_mean,
-        candidate_phi_mean) are 0-dim tensors on the model's device: reading them is left to
-        the caller, so a training step needs no host synchronisation here."""
+        The statistics (``candidates``, ``writes``, ``evictions``, ``memory_accepted_fraction``,
+        ``memory_written_fraction``, ``memory_evicted_age``, the ``memory_{accepted,rejected}
+        _phi_p{10,50,90}`` percentiles, ``memory_utilisation``, ``stored_phi_mean``,
+        ``candidate_phi_mean``, ``threshold``; see ``IITGuidedMemory.write``) are 0-dim tensors
+        on the model's device, NaN where there was nothing to measure (no evictions, no
+        rejected candidates): reading them is left to the caller, so a training step needs no
+        host synchronisation here."""
         if self.memory is None or candidates is None:
             return {}
         return self.memory.write(candidates, self.config.phi_priority_weight)
 
-    def reset_memory(self) -> None:
+    def reset_memory(self, rows: int | None = None) -> None:
+        """Empty the memory. ``rows``: with ``memory_scope: stream``, one memory for each of
+        that many streams (batch rows); the shared memory ignores it (one memory for all)."""
         if self.memory is not None:
-            self.memory.reset()
+            self.memory.reset(rows)
+
+    def clear_memory_rows(self, rows: Tensor) -> None:
+        """Empty the stream memories where ``rows`` (R,) bool is True (a stream starts a new
+        document); no host synchronisation. The shared memory has one row."""
+        if self.memory is not None:
+            self.memory.clear(rows)
 
     @contextlib.contextmanager
     def memory_reads_disabled(self) -> Iterator[None]:
@@ -442,7 +470,8 @@ class Infinito(
         and values are cached while the sequence fits in block_size; beyond it every step
         recomputes the cropped window, because positions are absolute and a shifted window
         invalidates the cache. The model runs in eval mode (deterministic); the memory is read
-        but not written.
+        but not written. With stream memories, row b reads memory row b (its own past): the
+        memory needs at least B rows (``reset_memory(rows=B)`` gives B empty ones).
         """
         self._check_generate_args(
             idx, max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos_token_id
@@ -483,9 +512,10 @@ class Infinito(
     def _decode(self, tokens: Tensor, start: int, caches: list[LayerCache] | None) -> Tensor:
         """Logits (B, V) of the last of ``tokens``, which sit at positions start.. onward."""
         x = self._embed(tokens, start)  # (B, T, D)
+        rows = None if self.memory is None else self.memory.read_rows(tokens.shape[0], None)
         for i, block in enumerate(self.transformer.h):
             if i == self.memory_layer:
-                x, _ = self._memory_point(x)
+                x, _ = self._memory_point(x, rows)
             x, _, _ = block(x, None if caches is None else caches[i])
         return self.lm_head(self.transformer.ln_f(x[:, -1]))  # (B, V)
 

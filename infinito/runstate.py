@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("infinito.train")
 
 STATE_FILE = "state.pt"
-STATE_FORMAT = 1
+STATE_FORMAT = 2  # 2: ``order`` holds window start offsets in tokens (was window indices)
 # train keys that do not change what is computed (up to floating-point summation order), so a
 # state may resume across them.
 FINGERPRINT_EXCLUDED = ("device", "compile", "log_every", "nproc_per_node", "micro_batch_size")
@@ -56,15 +56,23 @@ class Accumulator:
     loss_sum: float = 0.0
     steps: int = 0
     stats: dict[str, float] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)  # steps that measured each stat
     tokens: int = 0
     seconds: float = 0.0
 
     def add(self, loss: float, stats: dict[str, float]) -> None:
-        """One optimizer step's training-mode loss and model stats."""
+        """One optimizer step's training-mode loss and model stats; a NaN stat (a write that
+        evicted nothing has no evicted-slot age) is left out of that stat's mean."""
         self.loss_sum += loss
         self.steps += 1
         for key, value in stats.items():
-            self.stats[key] = self.stats.get(key, 0.0) + value
+            if not math.isnan(value):
+                self.stats[key] = self.stats.get(key, 0.0) + value
+                self.counts[key] = self.counts.get(key, 0) + 1
+
+    def means(self) -> dict[str, float]:
+        """Each stat's mean over the steps that measured it."""
+        return {key: value / self.counts.get(key, self.steps) for key, value in self.stats.items()}
 
 
 @dataclass
@@ -74,7 +82,7 @@ class Loop:
     epoch: int = 0  # index of the current epoch
     pos: int = 0  # global batches of the current epoch done
     step: int = 0  # optimizer steps done
-    order: torch.Tensor | None = None  # the current epoch's window order
+    order: torch.Tensor | None = None  # the current epoch's window starts (tokens), in order
     best_val_loss: float = math.inf
     best_epoch: float = 0.0
     best_step: int = 0

@@ -37,9 +37,10 @@ from typing import Any
 import torch
 
 from infinito import distributed
-from infinito.batches import StepLayout, TrainData, epoch_order, load_windows
+from infinito.batches import StepLayout, TrainData, load_windows, to_device
 from infinito.checkpoint import AsyncSaver, portable_rng_state, restore_rng_state
 from infinito.config import Params
+from infinito.iit import WRITE_STATS
 from infinito.init import InitSource
 from infinito.optim import build_optimizer, build_schedulers
 from infinito.runstate import STATE_FILE, Accumulator, Loop, restore, snapshot
@@ -96,6 +97,13 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
         seed_everything(params.seed)
         self.model = init.build(params.model).to(device)
+        if data.stream:  # one memory per batch row, each row a stream (batches.py)
+            self.model.reset_memory(rows=params.batch_size)
+        self.part_rows = (  # each micro-batch's memory rows: its rows of the global batch
+            [torch.arange(lo, hi, device=device) for lo, hi in layout.parts]
+            if data.stream
+            else None
+        )
         self.optimizer = build_optimizer(self.model, params, device)
         self.scheduler, self.plateau = build_schedulers(self.optimizer, params, total_steps)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
@@ -123,6 +131,7 @@ class Trainer:
         self.wall_before = self.loop.wall_seconds  # earlier sessions of this run
         self.pending: list[tuple[int, int, int, torch.Tensor]] = []  # (step, epoch, batch, numbers)
         self.stat_keys: list[str] = []
+        self.write_keys: list[str] = []
         self.last_flush = time.perf_counter()
         self.first_step = True
 
@@ -161,9 +170,8 @@ class Trainer:
 
     def _wrap_ddp(self) -> Any:
         lo, hi = self.layout.parts[0]
-        x, y = load_windows(
-            self.data.train, torch.arange(lo, hi), self.params.data.seq_len, self.device
-        )
+        seq_len = self.params.data.seq_len
+        x, y = load_windows(self.data.train, torch.arange(lo, hi) * seq_len, seq_len, self.device)
 
         def probe() -> torch.Tensor:
             with autocast(self.device, self.dtype):
@@ -186,7 +194,7 @@ class Trainer:
             not loop.early_stopped and loop.epoch < params.epochs and loop.step < self.total_steps
         ):
             if loop.order is None:
-                loop.order = epoch_order(params.seed, loop.epoch, self.data.n_windows)
+                loop.order = self.data.epoch_starts(params.seed, loop.epoch)
             self.progress.start_epoch(loop.epoch, loop.pos, self.total_steps - loop.step)
             while loop.pos < spe and loop.step < self.total_steps:
                 self.run_step(stop)
@@ -266,6 +274,9 @@ class Trainer:
         loop, params, dist = self.loop, self.params, self.dist
         assert loop.order is not None
         batch = loop.order[loop.pos * params.batch_size : (loop.pos + 1) * params.batch_size]
+        resets = self.data.resets(batch, first=loop.pos == 0)
+        if resets is not None:  # streams at an epoch's start or in a new document
+            self.model.clear_memory_rows(to_device(resets, self.device))
         sums, parts = self._micro_batches(batch)
         if self.scaler.is_enabled():
             self.scaler.unscale_(self.optimizer)
@@ -276,15 +287,18 @@ class Trainer:
             flag = torch.tensor([1.0 if stop else 0.0], device=self.device)
             sums = distributed.all_reduce_sum(torch.cat([sums, flag]))
         numbers = torch.cat([sums, gnorm.float().reshape(1)])  # read (and checked) at a flush
-        self.pending.append((loop.step + 1, loop.epoch + 1, loop.pos + 1, numbers))
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         if dist.world == 1 and len(parts) == 1:
-            self.model.write_memory(parts[0][0])
-        else:
-            self.model.write_memory(distributed.gather_candidates(parts, dist))
+            written = self.model.write_memory(parts[0][0])
+        else:  # every process writes the whole batch's candidates: the same memory everywhere
+            written = self.model.write_memory(distributed.gather_candidates(parts, dist))
         del parts
+        self.write_keys[:] = [k for k in WRITE_STATS if k in written]
+        if self.write_keys:  # after the step's numbers; NaN where there was nothing to measure
+            numbers = torch.cat([numbers, torch.stack([written[k] for k in self.write_keys])])
+        self.pending.append((loop.step + 1, loop.epoch + 1, loop.pos + 1, numbers))
         if self.plateau is None or loop.step < self.tc.warmup_steps:
             self.scheduler.step()
         loop.step += 1
@@ -303,9 +317,10 @@ class Trainer:
         last_part = len(layout.parts) - 1
         for k, (lo, hi) in enumerate(layout.parts):
             x, y = load_windows(self.data.train, batch[lo:hi], seq_len, self.device)
+            rows = None if self.part_rows is None else self.part_rows[k]
             no_sync = self.ddp is not None and k < last_part  # DDP reduces at the last only
             with self.ddp.no_sync() if no_sync else contextlib.nullcontext():
-                out, loss = self._forward_backward(x, y, layout.loss_scales[k], first=k == 0)
+                out, loss = self._forward_backward(x, y, rows, layout.loss_scales[k], first=k == 0)
             self.stat_keys[:] = list(out.stats)
             row = [loss.detach(), out.loss.detach(), *out.stats.values()]
             v = torch.stack([t.float() for t in row]) * layout.shares[k]
@@ -316,14 +331,14 @@ class Trainer:
         return sums, parts
 
     def _forward_backward(
-        self, x: torch.Tensor, y: torch.Tensor, scale: float, first: bool
+        self, x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor | None, scale: float, first: bool
     ) -> tuple[Any, torch.Tensor]:
         """One micro-batch; with ``train.compile: auto`` a failing first compiled pass falls
         back to eager mode (the RNG rewound, so the step is the one eager would have taken)."""
         if first and self.first_step and self.compiled and self.tc.compile == "auto":
             rng = portable_rng_state()
             try:
-                return self._pass(x, y, scale)
+                return self._pass(x, y, rows, scale)
             except Exception as e:  # dynamo/inductor errors vary
                 log.warning(
                     "torch.compile failed at the first step (%s: %s); training without it",
@@ -333,11 +348,14 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 restore_rng_state(rng)
                 self.forward, self.compiled = self.plain, False
-        return self._pass(x, y, scale)
+        return self._pass(x, y, rows, scale)
 
-    def _pass(self, x: torch.Tensor, y: torch.Tensor, scale: float) -> tuple[Any, torch.Tensor]:
+    def _pass(
+        self, x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor | None, scale: float
+    ) -> tuple[Any, torch.Tensor]:
+        """``rows``: the micro-batch's stream memories (None: the shared memory or none)."""
         with autocast(self.device, self.dtype):
-            out = self.forward(x, y)
+            out = self.forward(x, y) if rows is None else self.forward(x, y, memory_rows=rows)
         loss = self.loss_of(out)
         # scale: the micro-batch's share of the global batch x processes (batches.py)
         self.scaler.scale(loss if scale == 1.0 else loss * scale).backward()
@@ -360,7 +378,9 @@ class Trainer:
         self.pending.clear()
         several = self.dist.world > 1
         ce_v = flagged = None
-        for (step, epoch, batch), row in zip(where, rows, strict=True):
+        n_written = len(self.write_keys)
+        for (step, epoch, batch), numbers in zip(where, rows, strict=True):
+            row, written = numbers[: len(numbers) - n_written], numbers[len(numbers) - n_written :]
             total_v, ce_v, *stat_v, gnorm_v = row
             flagged = stat_v.pop() if several else None
             bad_grad = not math.isfinite(gnorm_v) and not self.scaler.is_enabled()
@@ -372,7 +392,9 @@ class Trainer:
                     f"grad norm={gnorm_v}; stopped without saving it; the last good state "
                     f"is {self.state_path}"
                 )
-            self.loop.acc.add(ce_v, dict(zip(self.stat_keys, stat_v, strict=True)))
+            stats = dict(zip(self.stat_keys, stat_v, strict=True))
+            stats.update(zip(self.write_keys, written, strict=True))
+            self.loop.acc.add(ce_v, stats)
         return ce_v, flagged, len(rows)
 
     def _stop_together(self) -> None:
@@ -400,6 +422,7 @@ class Trainer:
                     self.params.batch_size,
                     self.device,
                     self.dtype,
+                    documents=data.val_documents,
                 )
         if dist.world > 1:
             nll, tokens = distributed.broadcast_floats([result.nll_sum, result.tokens], 2, dist)
@@ -480,7 +503,13 @@ class Trainer:
         data, params = self.data, self.params
         with preserved_state(self.model):
             train_sub = score(
-                self.model, data.sub, data.sub_windows, params.batch_size, self.device, self.dtype
+                self.model,
+                data.sub,
+                data.sub_windows,
+                params.batch_size,
+                self.device,
+                self.dtype,
+                documents=data.train_documents,
             )
         loop.eval_seconds += time.perf_counter() - t0
         loop.wall_seconds = self.wall_before + time.perf_counter() - self.started

@@ -21,6 +21,7 @@ import torch
 
 from infinito.atomic import atomic_dir, atomic_open, write_json
 from infinito.config import Params
+from infinito.iit import WRITE_STATS
 from infinito.runstate import Loop
 from infinito.runtime import is_tty
 from infinito.scoring import Score, perplexity
@@ -47,6 +48,7 @@ IIT_COLUMNS = (
     "delta_phi",
     "aux_loss",
     "memory_utilisation",
+    *WRITE_STATS,
 )
 HISTORY_COLUMNS = (
     "epoch",
@@ -81,7 +83,7 @@ def history_row(loop: Loop, lr: float, steps_per_epoch: int, val: Score) -> dict
         "train_ppl": perplexity(train_loss) if train_loss is not None else None,
         "val_loss": val.loss,
         "val_ppl": val.ppl,
-        **{k: v / acc.steps for k, v in acc.stats.items() if k in IIT_COLUMNS},
+        **{k: v for k, v in acc.means().items() if k in IIT_COLUMNS},
         "tokens_per_sec": acc.tokens / acc.seconds if acc.seconds > 0 else None,
     }
 
@@ -132,6 +134,20 @@ def render_curves(path: Path, history: list[dict[str, Any]]) -> None:
             ),
             ("Delta-Phi and aux loss", ["delta_phi", "aux_loss"], False),
             ("memory utilisation", ["memory_utilisation"], False),
+        ]
+    if any(r.get("memory_accepted_fraction") is not None for r in history):
+        panels += [
+            (
+                "memory writes (fraction of candidates)",
+                ["memory_accepted_fraction", "memory_written_fraction"],
+                False,
+            ),
+            ("evicted slot age (writes)", ["memory_evicted_age"], False),
+            (
+                "candidate PHI",
+                ["memory_accepted_phi_p50", "memory_rejected_phi_p50", "threshold"],
+                False,
+            ),
         ]
     cols = 4 if len(panels) > 4 else 2
     rows = math.ceil(len(panels) / cols)

@@ -191,11 +191,15 @@ def markov_tokens(n: int, vocab_size: int, seed: int) -> np.ndarray:
     return out
 
 
+DOCUMENT_TOKENS = 500  # synthetic splits start a document every this many tokens
+
+
 def write_tokenized(path: Path, splits: dict[str, np.ndarray], vocab_size: int) -> Path:
-    """Write ``{split}.bin`` (uint16) + ``meta.json`` in the tokenize stage's format.
+    """Write ``{split}.bin`` (uint16), ``{split}.docs.npy`` + ``meta.json`` in the tokenize
+    stage's format.
 
     Byte and word counts are nominal (4 bytes and 0.75 words per token): synthetic tokens have
-    no text.
+    no text; a document starts every ``DOCUMENT_TOKENS`` tokens.
     """
     path.mkdir(parents=True, exist_ok=True)
     meta: dict[str, Any] = {
@@ -208,7 +212,14 @@ def write_tokenized(path: Path, splits: dict[str, np.ndarray], vocab_size: int) 
     for name, tokens in splits.items():
         np.asarray(tokens, dtype=np.uint16).tofile(path / f"{name}.bin")
         n = len(tokens)
-        meta["splits"][name] = {"tokens": n, "bytes": 4 * n, "words": (3 * n) // 4}
+        documents = np.arange(0, n, DOCUMENT_TOKENS, dtype=np.int64)
+        np.save(path / f"{name}.docs.npy", documents)
+        meta["splits"][name] = {
+            "tokens": n,
+            "bytes": 4 * n,
+            "words": (3 * n) // 4,
+            "documents": len(documents),
+        }
     (path / "meta.json").write_text(json.dumps(meta, indent=2))
     return path
 

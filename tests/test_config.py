@@ -159,6 +159,10 @@ def test_wrong_type_fails_naming_the_key(
         ({"generate.top_p": 0.0}, r"generate\.top_p=0\.0 must be in \(0, 1\]"),
         ({"benchmark.batch_sizes": []}, r"benchmark\.batch_sizes=\[\] must be a non-empty list"),
         ({"evaluate.sliding_stride": 300}, r"evaluate\.sliding_stride=300 must be <= data"),
+        ({"model.memory_scope": "batch"}, r"model\.memory_scope='batch' must be one of 'shared'"),
+        ({"model.memory_write_fraction": 0.0}, r"model\.memory_write_fraction=0\.0 must be in"),
+        ({"model.threshold_mode": "z"}, r"model\.threshold_mode='z' must be one of 'absolute'"),
+        ({"model.threshold_z_init": 9.0}, r"model\.threshold_z_init=9\.0 must be in \[-5, 5\]"),
     ],
 )
 def test_invalid_value_fails_naming_the_key(

@@ -195,23 +195,49 @@ def _gather_worker(rank: int, world: int, init_file: str) -> None:
             g = torch.Generator().manual_seed(100 * r + k)
             return (
                 MemoryCandidates(
-                    keys=torch.randn(n * chunks, dim, generator=g),
-                    values=torch.randn(n * chunks, dim, generator=g),
-                    phi=torch.rand(n * chunks, generator=g) * 10,
-                    slot_mass=torch.rand(slots, generator=g),
+                    keys=torch.randn(1, n * chunks, dim, generator=g),
+                    values=torch.randn(1, n * chunks, dim, generator=g),
+                    phi=torch.rand(1, n * chunks, generator=g) * 10,
+                    slot_mass=torch.rand(1, slots, generator=g),
                 ),
                 n,
             )
 
         got = distributed.gather_candidates([part(rank, 0), part(rank, 1)], d)
-        assert got is not None
+        assert got is not None and got.rows is None  # the shared memory: one group
         every = [part(r, k) for r in range(world) for k in range(2)]  # the global batch's order
-        assert torch.equal(got.keys, torch.cat([c.keys for c, _ in every]))
-        assert torch.equal(got.values, torch.cat([c.values for c, _ in every]))
-        assert torch.equal(got.phi, torch.cat([c.phi for c, _ in every]))
+        assert torch.equal(got.keys, torch.cat([c.keys for c, _ in every], dim=1))
+        assert torch.equal(got.values, torch.cat([c.values for c, _ in every], dim=1))
+        assert torch.equal(got.phi, torch.cat([c.phi for c, _ in every], dim=1))
         mass = sum(c.slot_mass * n for c, n in every) / sum(n for _, n in every)
         assert got.slot_mass is not None
         torch.testing.assert_close(got.slot_mass, mass, rtol=1e-6, atol=1e-7)
+
+        # stream memories: every row's group, in global row order, with its own slot mass
+        first = {0: 0, 1: 3}[rank]  # rank 0 holds rows 0..2, rank 1 rows 3..4
+
+        def rows_part(r: int, k: int) -> tuple[MemoryCandidates, int]:
+            lo = {0: 0, 1: 3}[r] + sum(windows[r][:k])
+            c, n = part(r, k)
+            g = torch.Generator().manual_seed(7 + 10 * r + k)
+            return (
+                MemoryCandidates(
+                    keys=torch.randn(n, chunks, dim, generator=g),
+                    values=torch.randn(n, chunks, dim, generator=g),
+                    phi=torch.rand(n, chunks, generator=g) * 10,
+                    slot_mass=torch.rand(n, slots, generator=g),
+                    rows=torch.arange(lo, lo + n),
+                ),
+                n,
+            )
+
+        assert first == sum(windows[0]) * rank
+        streams = distributed.gather_candidates([rows_part(rank, 0), rows_part(rank, 1)], d)
+        assert streams is not None and streams.rows.tolist() == [0, 1, 2, 3, 4]
+        every = [rows_part(r, k) for r in range(world) for k in range(2)]
+        for name in ("keys", "values", "phi", "slot_mass"):
+            want = torch.cat([getattr(c, name) for c, _ in every])
+            assert torch.equal(getattr(streams, name), want), name
 
         torch.manual_seed(0)
         model = Infinito(
@@ -300,3 +326,20 @@ def test_sigint_to_torchrun_saves_a_state_that_one_process_resumes(
     state = final_state(tmp_path)
     assert state["loop"]["complete"] and state["loop"]["step"] == STEPS
     assert compare(reference, state) < WEIGHT_ATOL
+
+
+def test_two_processes_with_stream_memories_match_one_process(data: Path, tmp_path: Path) -> None:
+    """Stream memories: each process reads its rows' memories, every process writes every row's
+    (gathered), so the memory is the same everywhere and the run equals one process's."""
+    stream = {"model.memory_scope": "stream"}
+    with torch_threads(1):
+        train(params(stream), data, **train_outputs(tmp_path / "one"))
+    one = final_state(tmp_path / "one")
+    assert one["model"]["memory.keys"].shape[0] == 5  # a memory per batch row
+    assert one["loop"]["step"] == STEPS and one["model"]["memory.valid"].any()
+    cmd = cli(
+        tmp_path / "two", data, {**stream, "train.nproc_per_node": 2, "train.micro_batch_size": 2}
+    )
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert compare(one, final_state(tmp_path / "two")) < WEIGHT_ATOL

@@ -26,11 +26,16 @@ def _check_manifest(out: Path, manifest: dict[str, Any], source: str) -> None:
     for split in SPLITS:
         data = (out / f"{split}.txt").read_bytes()
         stats = manifest["splits"][split]
+        documents = stats["documents"]
         assert stats == {
             "sha256": hashlib.sha256(data).hexdigest(),
             "lines": data.count(b"\n"),
             "bytes": len(data),
+            "documents": documents,
         }
+        assert documents == sorted(set(documents)) and all(
+            0 <= n < stats["lines"] for n in documents
+        )
         assert data.endswith(b"\n")
     assert sorted(p.name for p in out.iterdir()) == sorted(
         [*(f"{s}.txt" for s in SPLITS), "manifest.json"]
@@ -114,6 +119,25 @@ def test_local_directory(tmp_path: Path, names: tuple[str, str, str]) -> None:
     assert _lines(out / "train.txt") == [" = Title = ", "", " First line .", "Second line"]
     assert _lines(out / "validation.txt") == ["valid one", "", "valid two"]
     assert _lines(out / "test.txt") == ["test \u00e9t\u00e9"]
+    assert [manifest["splits"][s]["documents"] for s in SPLITS] == [[0], [], []]
+
+
+def test_documents_start_at_wikitext_titles_and_builtin_topics(tmp_path: Path) -> None:
+    """A title line between blank lines starts an article; section headings and table rows
+    written like titles (WikiText-2 has `` = Goals ; A = `` rows) do not."""
+    src = tmp_path / "corpus"
+    src.mkdir()
+    lines = [" ", " = One = ", " ", " text", " ", " = = Part = = ", " ", " more", " = a ; b = ",
+             " = c ; d = ", " ", " = Two = ", " ", " last", " = End = "]  # fmt: skip
+    (src / "train.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (src / "valid.txt").write_text(" = V = \n", encoding="utf-8")  # a title at the very end
+    (src / "test.txt").write_text("plain text\n", encoding="utf-8")
+    manifest = dl.download(DataConfig(source=str(src)), tmp_path / "raw")
+    assert [manifest["splits"][s]["documents"] for s in SPLITS] == [[1, 11], [0], []]
+    builtin = dl.download(DataConfig(source="builtin"), tmp_path / "builtin")
+    assignment = dl.assign_documents(dl.builtin_documents(), (0.9, 0.05, 0.05))
+    for split in SPLITS:
+        assert len(builtin["splits"][split]["documents"]) == len(assignment[split])
 
 
 def test_local_directory_missing_or_ambiguous_split(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from infinito.config import ConfigError, ModelConfig, Params
-from infinito.data.splits import nonoverlapping_windows, sliding_windows
+from infinito.data.splits import Window, nonoverlapping_windows, sliding_windows
 from infinito.evaluate import evaluate, main
 from infinito.model import Infinito
 from infinito.runtime import torch_threads
@@ -165,6 +165,82 @@ def test_memory_reads_disabled_changes_the_score(tokenized_data: Callable[..., P
     assert with_memory.nll_sum != without.nll_sum
 
 
+# ----------------------------------------------------------------------------- stream memories
+
+
+def calibrated_stream_model() -> Infinito:
+    """A stream-memory model whose PHI statistics are set (one training-mode write), so that
+    evaluation's threshold is the same whatever the batch."""
+    model = tiny_model(memory_scope="stream")
+    model.train()
+    with torch.no_grad():
+        model.reset_memory(rows=2)
+        model.write_memory(model(torch.randint(0, VOCAB, (2, 16))).candidates)
+    model.eval()
+    return model
+
+
+def brute_force_streams(
+    model: Infinito, tokens: np.ndarray, windows: list[Window], streams: int, documents: np.ndarray
+) -> float:
+    """Each stream on its own, window by window, with one memory of its own, emptied where the
+    stream enters a new document."""
+    total = 0.0
+    per = -(-len(windows) // streams)
+    with torch.no_grad():
+        for b in range(streams):
+            model.reset_memory(rows=1)
+            previous = None
+            for w in windows[b * per : (b + 1) * per]:
+                if previous is not None and ((documents > previous) & (documents <= w.start)).any():
+                    model.reset_memory(rows=1)
+                xy = torch.from_numpy(tokens[w.start : w.start + w.length + 1].astype(np.int64))
+                out = model(xy[None, :-1])
+                logp = torch.log_softmax(out.logits[0].double(), dim=-1)
+                targets = xy[1:]
+                total -= float(logp[torch.arange(w.length), targets][-w.scored :].sum())
+                model.write_memory(out.candidates)
+                previous = w.start
+    return total
+
+
+@pytest.mark.parametrize("stride", [16, 8])
+def test_stream_scoring_equals_each_stream_on_its_own(
+    tokenized_data: Callable[..., Path], stride: int
+) -> None:
+    """Stream layout: every target once, each stream reading only its own memory (cleared at
+    document starts): the same NLL as scoring each stream alone."""
+    data = tokenized_data({"validation": 603})
+    tokens = tokens_of(data, "validation")
+    documents = np.array([0, 150, 170, 400], dtype=np.int64)
+    model = calibrated_stream_model()
+    windows = sliding_windows(len(tokens), 16, stride)
+    cpu = torch.device("cpu")
+    got = score(model, tokens, windows, 3, cpu, torch.float32, documents=documents)
+    assert got.tokens == len(tokens) - 1
+    assert got.memory["memory_utilisation"] > 0 and model.memory.rows == 3  # a row per stream
+    want = brute_force_streams(model, tokens, windows, 3, documents)
+    assert got.nll_sum == pytest.approx(want, rel=1e-5)
+    assert 0 < got.writes["memory_accepted_fraction"] < 1
+    shared = score(tiny_model(), tokens, windows, 3, cpu, torch.float32)  # another layout
+    assert shared.nll_sum != pytest.approx(got.nll_sum, rel=1e-6)
+
+
+def test_a_stream_memory_cleared_before_every_window_reads_nothing(
+    tokenized_data: Callable[..., Path],
+) -> None:
+    tokens = tokens_of(tokenized_data({"validation": 400}), "validation")
+    model = calibrated_stream_model()
+    windows = nonoverlapping_windows(len(tokens), 16)
+    every = np.array([w.start for w in windows], dtype=np.int64)  # a document per window
+    cpu = torch.device("cpu")
+    cleared = score(model, tokens, windows, 2, cpu, torch.float32, documents=every)
+    off = score(model, tokens, windows, 2, cpu, torch.float32, False, documents=every)
+    kept = score(model, tokens, windows, 2, cpu, torch.float32, documents=None)
+    assert cleared.nll_sum == pytest.approx(off.nll_sum, rel=1e-9)
+    assert kept.nll_sum != pytest.approx(off.nll_sum, rel=1e-6)
+
+
 def test_preserved_state_restores_memory_and_mode(tokenized_data: Callable[..., Path]) -> None:
     tokens = tokens_of(tokenized_data({"validation": 300}), "validation")
     model = tiny_model()
@@ -241,6 +317,27 @@ def test_stage_writes_flat_documented_metrics(
     assert metrics["test_loss"] == pytest.approx(want, rel=1e-5)
     want = brute_force_nll(model, tokens_of(data, "validation"), 16, 8) / 300
     assert metrics["validation_sliding_loss"] == pytest.approx(want, rel=1e-5)
+
+
+def test_stage_scores_a_stream_model_in_its_layout_with_its_write_statistics(
+    tokenized_data: Callable[..., Path], tmp_path: Path
+) -> None:
+    data = tokenized_data({"train": 100, "validation": 301, "test": 250})
+    model = calibrated_stream_model()
+    model.save(tmp_path / "best")
+    params = eval_params(seq_len=16, batch_size=2, splits=["test"])
+    metrics = evaluate(params, tmp_path / "best", data, tmp_path / "eval.json")
+    documents = np.load(data / "test.docs.npy")
+    windows = nonoverlapping_windows(250, 16)
+    want = score(model, tokens_of(data, "test"), windows, 2, torch.device("cpu"), torch.float32,
+                 documents=documents)  # fmt: skip
+    assert metrics["test_loss"] == pytest.approx(want.loss, rel=1e-9)
+    for key in ("memory_accepted_fraction", "memory_written_fraction", "memory_accepted_phi_p50"):
+        assert 0 < metrics[f"test_{key}"] < (1 if "fraction" in key else 10)
+    assert all(math.isfinite(v) for v in metrics.values())
+    (data / "test.docs.npy").unlink()
+    with pytest.raises(ConfigError, match="memory_scope=stream needs"):
+        evaluate(params, tmp_path / "best", data, tmp_path / "eval.json")
 
 
 def test_ablation_repeats_main_numbers_as_no_memory(

@@ -36,7 +36,7 @@ from tiny_model import populate, randomise
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from infinito import init
-from infinito.batches import TrainData, epoch_order, load_windows
+from infinito.batches import TrainData, load_windows
 from infinito.checkpoint import load_state
 from infinito.config import ConfigError, ModelConfig, Params, TrainConfig, apply_overrides
 from infinito.init import InitError, resolve
@@ -120,8 +120,8 @@ def gpt2(tmp_path: Path) -> Path:
 def first_batch(p: Params, data: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """The windows of the run's first optimizer step."""
     d = TrainData.open(data, p)
-    order = epoch_order(p.seed, 0, d.n_windows)
-    return load_windows(d.train, order[: p.batch_size], p.data.seq_len, torch.device("cpu"))
+    starts = d.epoch_starts(p.seed, 0)
+    return load_windows(d.train, starts[: p.batch_size], p.data.seq_len, torch.device("cpu"))
 
 
 def cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> float:
@@ -136,8 +136,9 @@ def first_step_loss(root: Path) -> float:
 
 
 def memory_buffers(model: Infinito) -> set[str]:
+    """The memory's contents (its slots); its running PHI statistics are calibration."""
     assert model.memory is not None
-    return {f"memory.{name}" for name, _ in model.memory.named_buffers()}
+    return {f"memory.{name}" for name in model.memory.SLOT_BUFFERS}
 
 
 # ----------------------------------------------------------------------------- from GPT-2
@@ -248,7 +249,7 @@ def test_iit_parts_carry_over_only_when_both_sides_have_them(tmp_path: Path) -> 
     # carried, the memory emptied, its size the new run's
     other = params({"model.memory_slots": 4, "model.threshold_init": 2.0}).model
     model = resolve(str(tmp_path / "iit")).build(other)
-    assert model.memory is not None and model.memory.keys.shape[0] == 4
+    assert model.memory is not None and model.memory.keys.shape[1] == 4
     assert not model.memory.valid.any()
     assert model.memory.threshold.item() == pytest.approx(source.memory.threshold.item())  # type: ignore[union-attr]
     for key, value in model.state_dict().items():

@@ -156,7 +156,9 @@ def test_gpt2_weights_give_gpt2s_logits_before_training(
     assert model.lm_head.weight.data_ptr() != model.transformer.wte.weight.data_ptr()
     if iit:  # fresh IIT parts on top: an empty memory, the initial threshold and phi weights
         assert model.memory is not None and not model.memory.valid.any()
-        assert model.memory.threshold.item() == pytest.approx(3.0)
+        # the standardised threshold's initial z, and no PHI statistics yet
+        assert model.memory.threshold_raw.item() == model.config.threshold_z_init
+        assert not model.memory.phi_stats_ready
         assert model.phi_weights is not None
         assert torch.allclose(model.phi_weights.weights(), torch.tensor([0.3, 0.3, 0.2, 0.2]))
 

@@ -35,9 +35,10 @@ IIT_KEYS = {
 # ---------------------------------------------------------------- shapes and losses
 
 
-@pytest.mark.parametrize("iit", [True, False])
-def test_output_shapes_and_stats(iit: bool) -> None:
-    model = build(replace(TINY, iit=iit))
+@pytest.mark.parametrize(("iit", "scope"), [(True, "shared"), (True, "stream"), (False, "shared")])
+def test_output_shapes_and_stats(iit: bool, scope: str) -> None:
+    model = build(replace(TINY, iit=iit, memory_scope=scope))
+    model.reset_memory(rows=2)
     idx = tokens()
     out = model(idx, idx, return_logits=True)
     assert isinstance(out, ModelOutput)
@@ -47,8 +48,12 @@ def test_output_shapes_and_stats(iit: bool) -> None:
     assert set(out.stats) == (IIT_KEYS if iit else set())
     for value in out.stats.values():
         assert value.dim() == 0 and not value.requires_grad and torch.isfinite(value)
-    if iit:
-        assert out.candidates is not None and out.candidates.phi.shape == (2 * 32 // 8,)
+    if iit:  # shared: one group of every row's chunks; stream: a group per row
+        groups = 1 if scope == "shared" else 2
+        assert out.candidates is not None
+        assert out.candidates.phi.shape == (groups, 2 * 32 // 8 // groups)
+        assert out.candidates.keys.shape == (groups, 2 * 32 // 8 // groups, 32)
+        assert (out.candidates.rows is None) == (scope == "shared")
     else:
         assert out.candidates is None
         assert out.aux_loss.item() == 0.0
@@ -117,9 +122,9 @@ def _perturb_after(idx: torch.Tensor, j: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("mode", ["eval", "train"])
-@pytest.mark.parametrize("iit", [True, False])
-def test_logits_up_to_j_ignore_later_tokens(mode: str, iit: bool) -> None:
-    model = build(replace(TINY, iit=iit))
+@pytest.mark.parametrize(("iit", "scope"), [(True, "shared"), (True, "stream"), (False, "shared")])
+def test_logits_up_to_j_ignore_later_tokens(mode: str, iit: bool, scope: str) -> None:
+    model = build(replace(TINY, iit=iit, memory_scope=scope))
     if iit:
         populate(model)
     model.train(mode == "train")
@@ -133,6 +138,56 @@ def test_logits_up_to_j_ignore_later_tokens(mode: str, iit: bool) -> None:
     assert not torch.allclose(a[:, j + 1 :], b[:, j + 1 :])  # the test can see a change
 
 
+@pytest.mark.parametrize("scope", ["shared", "stream"])
+def test_one_rows_tokens_never_change_another_rows_logits(scope: str) -> None:
+    """Within a call no scope mixes rows. After a write, the shared memory holds every row's
+    chunks (by design), while a stream memory holds only its own: row 1's next logits are
+    bit-identical whatever row 0 read before."""
+    # every chunk is written (no budget), so a shared write surely holds row 0's chunks
+    model = build(replace(TINY, memory_scope=scope, dropout=0.0, memory_write_fraction=1.0))
+    model.eval()
+    populate(model)
+    idx = tokens(2, 32)
+    other = idx.clone()
+    other[0] = (idx[0] + 5) % 61  # only row 0 differs
+    runs = []
+    for first in (idx, other):
+        saved = {k: v.clone() for k, v in model.state_dict().items()}
+        out = model(first)
+        model.write_memory(out.candidates)
+        runs.append((out.logits, model(tokens(2, 32, seed=9)).logits))
+        model.load_state_dict(saved)
+    (now_a, next_a), (now_b, next_b) = runs
+    assert torch.equal(now_a[1], now_b[1]) and not torch.equal(now_a[0], now_b[0])
+    if scope == "stream":
+        assert torch.equal(next_a[1], next_b[1])
+    else:
+        assert not torch.equal(next_a[1], next_b[1])  # the test can see a shared write
+
+
+def test_stream_rows_keep_their_own_slots_in_training_mode() -> None:
+    """Training mode: a row's slots come from that row alone. (With the standardised threshold,
+    training-mode writes also update the running PHI statistics, one calibration of the model
+    learned from every row like its weights and a BatchNorm's statistics; the absolute
+    threshold has none, so there the rows are independent bit for bit.)"""
+    model = build(replace(TINY, memory_scope="stream", threshold_mode="absolute")).train()
+    populate(model)
+    idx = tokens(4, 32)
+    other = idx.clone()
+    other[2] = (idx[2] + 3) % 61
+    memories = []
+    for first in (idx, other):
+        saved = {k: v.clone() for k, v in model.state_dict().items()}
+        torch.manual_seed(5)  # the same dropout and noise draws in both runs
+        model.write_memory(model(first).candidates)
+        memories.append({k: v.clone() for k, v in model.memory.state_dict().items()})
+        model.load_state_dict(saved)
+    a, b = memories
+    for name in ("keys", "values", "phi", "usage", "age", "valid"):
+        assert torch.equal(a[name][[0, 1, 3]], b[name][[0, 1, 3]]), name
+    assert not torch.equal(a["keys"][2], b["keys"][2])
+
+
 # ---------------------------------------------------------------- ablation
 
 
@@ -143,6 +198,25 @@ def test_ablation_shares_the_initial_backbone() -> None:
     assert all(k.startswith(("memory.", "phi_weights.")) for k in set(full) - set(ablation))
     for name, tensor in ablation.items():
         assert torch.equal(tensor, full[name]), name
+
+
+def test_the_ablation_ignores_every_memory_option() -> None:
+    plain = build(replace(TINY, iit=False), seed=3)
+    other = replace(
+        TINY,
+        iit=False,
+        memory_scope="stream",
+        threshold_mode="absolute",
+        memory_write_fraction=1.0,
+    )
+    ablation = build(other, seed=3)
+    assert plain.memory is None and ablation.memory is None
+    state = plain.state_dict()
+    assert all(torch.equal(v, state[k]) for k, v in ablation.state_dict().items())
+    assert set(ablation.state_dict()) == set(state)
+    ablation.reset_memory(rows=3)  # nothing to reset
+    assert torch.equal(plain.eval()(tokens()).logits, ablation.eval()(tokens()).logits)
+    assert not other.stream_memory
 
 
 def test_finer_switches_drop_their_parts() -> None:
@@ -167,8 +241,9 @@ def _greedy_by_forward(model: Infinito, idx: torch.Tensor, n: int) -> torch.Tens
     return idx
 
 
-def test_cached_greedy_generation_equals_uncached_and_forward() -> None:
-    model = build()
+@pytest.mark.parametrize("scope", ["shared", "stream"])
+def test_cached_greedy_generation_equals_uncached_and_forward(scope: str) -> None:
+    model = build(replace(TINY, memory_scope=scope))
     populate(model)
     model.eval()
     prompt = tokens(2, 5)
@@ -195,6 +270,26 @@ def test_cache_filled_in_pieces_matches_the_full_forward() -> None:
             torch.testing.assert_close(got, model(idx[:, :hi]).logits[:, -1])
     assert caches[0].length == 14 and caches[0].k is not None
     assert caches[0].k.shape[2] == model.config.block_size  # allocated once
+
+
+def test_stream_generation_reads_each_rows_own_memory() -> None:
+    """Row r of a stream-scope generation reads memory row r only: emptying another row's
+    memory leaves it unchanged, emptying its own changes it."""
+    model = build(replace(TINY, memory_scope="stream"))
+    populate(model)
+    model.eval()
+    prompt = tokens(4, 6)
+    before = model.generate(prompt, 12, temperature=0)
+    model.clear_memory_rows(torch.tensor([True, False, False, False]))
+    after = model.generate(prompt, 12, temperature=0)
+    assert torch.equal(before[1:], after[1:])
+    with torch.no_grad():
+        logits = model(prompt).logits[:, -1]
+    model.reset_memory(rows=4)
+    with torch.no_grad():
+        assert not torch.equal(model(prompt).logits[1:, -1], logits[1:])
+    with pytest.raises(ValueError, match=r"reset_memory\(rows=5\)"):
+        model.generate(tokens(5, 6), 2, temperature=0)
 
 
 def test_frozen_memory_reads_equal_live_reads_and_end_with_the_block() -> None:
@@ -283,9 +378,10 @@ def test_generate_rejects_bad_arguments() -> None:
 # ---------------------------------------------------------------- checkpoints
 
 
-def test_save_and_load_round_trip_is_exact(tmp_path: Path) -> None:
-    model = build()
-    populate(model)
+@pytest.mark.parametrize("scope", ["shared", "stream"])
+def test_save_and_load_round_trip_is_exact(tmp_path: Path, scope: str) -> None:
+    model = build(replace(TINY, memory_scope=scope))
+    populate(model)  # a stream memory of 4 rows: the loaded one has 4 too
     model.save(tmp_path / "ckpt")
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [
         "config.json",

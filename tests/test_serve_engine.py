@@ -38,6 +38,7 @@ SETTINGS = [
 def model(cfg: ModelConfig = CFG, seed: int = 0) -> Infinito:
     torch.manual_seed(seed)
     m = Infinito(cfg).eval()
+    m.reset_memory(rows=4)  # stream memories: one per row written below
     with torch.no_grad():  # a populated memory, so the read at the middle layer is not a no-op
         for i in range(3):
             x = torch.randint(
@@ -84,9 +85,12 @@ GREEDY = [
 ]
 
 
-@pytest.mark.parametrize("memory", ["checkpoint", "reset"])
-def test_each_sequence_of_a_batch_matches_generate(memory: str) -> None:
-    m = model()
+@pytest.mark.parametrize(
+    ("memory", "scope"), [("checkpoint", "shared"), ("reset", "shared"), ("checkpoint", "stream")]
+)
+def test_each_sequence_of_a_batch_matches_generate(memory: str, scope: str) -> None:
+    """Stream memories: every request reads memory row 0, as one-row generate does."""
+    m = model(dataclasses.replace(CFG, memory_scope=scope))
     if memory == "reset":
         m.reset_memory()
     expected = [reference(m, p, s, 12) for p, s in zip(PROMPTS, GREEDY, strict=True)]

@@ -113,19 +113,52 @@ def test_stage_round_trip_and_meta(builtin_raw: Path, tmp_path: Path) -> None:
         "uint16",
     )
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["meta.json", *(f"{s}.bin" for s in SPLITS)]
+        ["meta.json", *(f"{s}.bin" for s in SPLITS), *(f"{s}.docs.npy" for s in SPLITS)]
     )
     tok = tk.load_tokenizer()
+    manifest = json.loads((builtin_raw / "manifest.json").read_text())
     for split in SPLITS:
         ids = np.memmap(out / f"{split}.bin", dtype=np.uint16, mode="r")
         text = _joined(builtin_raw / f"{split}.txt")
-        assert tok.decode(ids.tolist()) == text
+        assert tok.decode(ids.tolist()) == text  # cutting pieces at documents changes no id
         assert ids.tolist() == _encode(text)
+        starts = np.load(out / f"{split}.docs.npy")
         assert meta["splits"][split] == {
             "tokens": len(ids),
             "bytes": len(text.encode("utf-8")),
             "words": len(text.split()),
+            "documents": len(starts),
         }
+        # one start per topic, at the token where the topic's first line begins
+        lines = (builtin_raw / f"{split}.txt").read_text(encoding="utf-8").split("\n")
+        first = [
+            next(x for x in lines[n:] if x.strip()) for n in manifest["splits"][split]["documents"]
+        ]
+        assert starts.dtype == np.int64 and len(starts) == len(first) > 0
+        assert starts[0] == 0 and np.all(np.diff(starts) > 0)
+        for offset, line in zip(starts.tolist(), first, strict=True):
+            assert tok.decode(ids[offset : offset + 40].tolist()).startswith(line[:20])
+
+
+def test_wikitext_articles_start_where_their_titles_do(
+    wikitext_valid: Path, tmp_path: Path
+) -> None:
+    """WikiText-2's validation split: 60 articles, each starting at its `` = Title = `` line
+    (tables' `` = a ; b = `` rows inside articles are not titles)."""
+    from infinito.config import DataConfig
+    from infinito.data.download import download
+
+    raw = tmp_path / "raw"
+    download(DataConfig(source=str(wikitext_valid.parent)), raw)
+    meta = tk.tokenize(raw, tmp_path / "tok")
+    assert meta["splits"]["validation"]["documents"] == 60
+    ids = np.fromfile(tmp_path / "tok" / "validation.bin", dtype=np.uint16)
+    starts = np.load(tmp_path / "tok" / "validation.docs.npy")
+    tok = tk.load_tokenizer()
+    titles = [line for line in wikitext_valid.read_text().split("\n") if line.startswith(" = ")]
+    titles = [t for t in titles if not t.startswith(" = = ")]
+    for offset, title in zip(starts.tolist(), titles, strict=True):
+        assert tok.decode(ids[offset : offset + 60].tolist()).startswith(title)
 
 
 def test_small_pieces_and_batches_give_identical_files(tmp_path: Path, builtin_raw: Path) -> None:
@@ -141,7 +174,12 @@ def test_counts_on_a_hand_made_split(tmp_path: Path) -> None:
     src.write_text(" = A = \n\n   \nHello world!\n caf\u00e9 au lait\n", encoding="utf-8")
     stats = tk.tokenize_file(src, tmp_path / "x.bin")
     text = " = A = \nHello world!\n caf\u00e9 au lait"
-    assert stats == {"tokens": len(_encode(text)), "bytes": len(text.encode()), "words": 8}
+    assert stats == {
+        "tokens": len(_encode(text)),
+        "bytes": len(text.encode()),
+        "words": 8,
+        "documents": 0,
+    }
     ids = np.fromfile(tmp_path / "x.bin", dtype=np.uint16)
     assert tk.load_tokenizer().decode(ids.tolist()) == text
 

@@ -11,18 +11,22 @@ import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import yaml
 from conftest import train_cli_args, train_outputs
 
 from infinito import trainer as trainer_mod
+from infinito.batches import TrainData, stream_order
 from infinito.checkpoint import load_state
 from infinito.config import ConfigError, Params, apply_overrides
 from infinito.evaluate import evaluate
+from infinito.iit import WRITE_STATS
 from infinito.model import Infinito
 from infinito.runstate import Loop
 from infinito.runtime import torch_threads
@@ -97,6 +101,7 @@ IIT_KEYS = {
     "iit_phi_weight_integration",
     "iit_phi_weight_complexity",
     "iit_phi_weight_attention_diversity",
+    *(f"iit_{k}" for k in WRITE_STATS),
 }
 HISTORY_COLUMNS = [
     "epoch",
@@ -115,6 +120,7 @@ HISTORY_COLUMNS = [
     "delta_phi",
     "aux_loss",
     "memory_utilisation",
+    *WRITE_STATS,
     "tokens_per_sec",
 ]
 TIMING_KEYS = {"tokens_per_sec", "wall_time_sec", "eval_time_sec", "first_step_sec"}
@@ -239,6 +245,38 @@ def test_epoch_order_is_a_seeded_permutation_that_changes_every_epoch() -> None:
     assert not torch.equal(a, b) and not torch.equal(a, epoch_order(2, 0, 50))
 
 
+def stream_data(seq_len: int, documents: np.ndarray) -> TrainData:
+    """Only what ``TrainData.resets`` reads."""
+    empty = np.zeros(0, dtype=np.uint16)
+    return TrainData(empty, empty, empty, 0, 0, [], [], seq_len, 3, documents, documents)
+
+
+def test_stream_layout_gives_each_row_its_own_stretch_of_the_text() -> None:
+    n, B, T = 10_000, 4, 32
+    order = stream_order(1, 0, n, B, T).view(-1, B)  # (steps, rows)
+    stretch = (n - T) // B
+    assert order.shape == (stretch // T, B)
+    assert torch.all(order[1:] - order[:-1] == T)  # every row continues its own text
+    assert torch.all(order[0, 1:] - order[0, :-1] == stretch)  # rows start a stretch apart
+    assert 0 <= order[0, 0] < T and order.max() + T + 1 <= n  # the last target is in the split
+    assert torch.equal(order.flatten(), stream_order(1, 0, n, B, T))
+    offsets = {int(stream_order(1, epoch, n, B, T)[0]) for epoch in range(5)}
+    assert len(offsets) > 1 and all(0 <= o < T for o in offsets)  # epochs shift the stretches
+
+
+def test_stream_rows_are_cleared_at_epoch_starts_and_document_starts() -> None:
+    T = 32
+    documents = np.array([0, 100, 130, 500], dtype=np.int64)
+    data = stream_data(T, documents)
+    assert data.stream
+    starts = torch.tensor([96, 128, 490])  # previous windows began at 64, 96 and 458
+    assert data.resets(starts, first=True).tolist() == [True, True, True]
+    # (64, 96]: none; (96, 128]: 100; (458, 490]: none
+    assert data.resets(starts, first=False).tolist() == [False, True, False]
+    assert data.resets(torch.tensor([130, 520, 532]), first=False).tolist() == [True, True, False]
+    assert replace(data, train_documents=None).resets(starts, first=True) is None
+
+
 # ----------------------------------------------------------------------------- training
 
 
@@ -278,23 +316,30 @@ def test_training_lowers_validation_loss_and_writes_its_train_outputs(
     assert "step 5/69" in text and "tok/s" in text and "eta" in text
 
 
+@pytest.mark.parametrize("scope", ["shared", "stream"])
 def test_validation_in_training_equals_the_evaluate_stage(
-    tokenized_data: Callable[..., Path], tmp_path: Path
+    tokenized_data: Callable[..., Path], tmp_path: Path, scope: str
 ) -> None:
     data = tokenized_data()
-    metrics = run(tiny(), data, tmp_path)
+    metrics = run(tiny({"model.memory_scope": scope}), data, tmp_path)
     assert metrics["best_step"] == metrics["steps"]  # the best is the last: compare directly
-    params = tiny({"evaluate.batch_size": 4, "evaluate.splits": ["validation"]})
+    params = tiny(
+        {"evaluate.batch_size": 4, "evaluate.splits": ["validation"], "model.memory_scope": scope}
+    )
     ev = evaluate(params, tmp_path / "models" / "best", data, tmp_path / "eval.json")
     assert ev["validation_loss"] == pytest.approx(metrics["best_val_loss"], rel=1e-9)
 
 
+@pytest.mark.parametrize("scope", ["shared", "stream"])
 def test_resume_after_interruption_ends_with_the_same_weights(
-    tokenized_data: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tokenized_data: Callable[..., Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    scope: str,
 ) -> None:
     data = tokenized_data()
-    # dropout, noise, memory writes, mid-epoch validations: everything that could diverge
-    params = tiny({"train.eval_every_steps": 5})
+    # dropout, noise, memory writes (and clears), mid-epoch validations: all that could diverge
+    params = tiny({"train.eval_every_steps": 5, "model.memory_scope": scope})
     ref = run(params, data, tmp_path / "ref")
 
     signal_at_call(monkeypatch, 17)

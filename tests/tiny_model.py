@@ -29,7 +29,9 @@ def tokens(batch: int = 2, length: int = 32, seed: int = 1, vocab: int = 61) -> 
 
 
 def populate(model: Infinito, calls: int = 3) -> None:
-    """Fill the memory through the public path: forward passes, then writes."""
+    """Fill the memory through the public path: forward passes of 4 rows, then writes (a stream
+    memory gets 4 rows, one per stream)."""
+    model.reset_memory(rows=4)
     with torch.no_grad():
         for i in range(calls):
             model.write_memory(model(tokens(4, seed=100 + i)).candidates)

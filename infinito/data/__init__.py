@@ -8,3 +8,8 @@ class DataError(RuntimeError):
     The message says what is wrong and how to fix it; stage entry points print it without a
     traceback.
     """
+
+
+def documents_file(split: str) -> str:
+    """The tokenize stage's file of a split's document starts: token offsets, int64, ascending."""
+    return f"{split}.docs.npy"

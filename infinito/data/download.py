@@ -19,15 +19,18 @@
   ``data.split_fractions`` of its bytes (train first, test last).
 
 Every output line ends with ``\\n`` (``\\r\\n`` becomes ``\\n``); text is UTF-8. The manifest
-records the source; per split, the SHA-256, line count and byte count of the written file; for
-local sources, the name, SHA-256 and size of each input file as read (``inputs``: per split
-for a directory, ``corpus`` for a single file; null for the other sources); and
-``dataset``: the name of a known published corpus whose checksums the written splits match
-(``KNOWN_DATASETS``; WikiText-2 v1 as PyTorch's examples and the WikiText archive ship it), or
-null. WikiText from the Hub is written as WikiText's own files are: the Hub's loader turns every
-blank line (a single space in the files) into an empty row, and the stage writes it back as a
-single space, so ``wikitext-2-v1`` from the Hub and a local copy of its files give the same
-bytes and the same ``dataset``. docs/wikitext-2.md says how to use a local copy.
+records the source; per split, the SHA-256, line count and byte count of the written file and
+``documents``, the 0-based numbers of the lines where a document starts (builtin: each topic;
+every other source: each WikiText article title, see ``is_wikitext_title``; none for a text
+without such titles; the tokenize stage turns them into token offsets); for local sources, the
+name, SHA-256 and size of each input file as read (``inputs``: per split for a directory,
+``corpus`` for a single file; null for the other sources); and ``dataset``: the name of a known
+published corpus whose checksums the written splits match (``KNOWN_DATASETS``; WikiText-2 v1 as
+PyTorch's examples and the WikiText archive ship it), or null. WikiText from the Hub is written
+as WikiText's own files are: the Hub's loader turns every blank line (a single space in the
+files) into an empty row, and the stage writes it back as a single space, so ``wikitext-2-v1``
+from the Hub and a local copy of its files give the same bytes and the same ``dataset``.
+docs/wikitext-2.md says how to use a local copy.
 """
 
 from __future__ import annotations
@@ -75,8 +78,21 @@ Inputs = dict[str, dict[str, Any]] | None  # input file name, SHA-256 and bytes,
 Writer = Callable[[dict[str, "_SplitWriter"]], tuple[str, Inputs]]
 
 
+def is_wikitext_title(line: str) -> bool:
+    """A WikiText article title, `` = Title = `` (sections are `` = = Section = = ``)."""
+    s = line.strip()
+    return len(s) > 4 and s.startswith("= ") and s.endswith(" =") and not s.startswith("= =")
+
+
 class _SplitWriter:
-    """Write lines to one split file while counting lines and bytes and hashing the content."""
+    """Write lines to one split file while counting lines and bytes and hashing the content.
+
+    It also records where documents start (``documents``: 0-based line numbers): at every
+    WikiText article title, a title line with a blank line (or the file's start) before it and a
+    blank line after it (WikiText-2's tables have rows such as `` = Goals ; A = `` between other
+    lines); writers of corpora with other documents mark them with ``start_document`` and turn
+    ``detect_titles`` off.
+    """
 
     def __init__(self, f: IO[bytes]) -> None:
         self._f = f
@@ -84,9 +100,24 @@ class _SplitWriter:
         self.lines = 0
         self.bytes = 0
         self.has_text = False  # a line that is not only whitespace was written
+        self.detect_titles = True
+        self.documents: list[int] = []
+        self._title: int | None = None  # a title line waiting for the blank line after it
+        self._after_blank = True
+
+    def start_document(self) -> None:
+        """The next line written starts a document."""
+        self.documents.append(self.lines)
 
     def write_lines(self, lines: Iterable[str]) -> None:
         for line in lines:
+            blank = not line.strip()
+            if self._title is not None and blank:
+                self.documents.append(self._title)
+            self._title = None
+            if self.detect_titles and self._after_blank and is_wikitext_title(line):
+                self._title = self.lines
+            self._after_blank = blank
             data = (line + "\n").encode("utf-8")
             self._f.write(data)
             self._sha.update(data)
@@ -96,7 +127,13 @@ class _SplitWriter:
                 self.has_text = True
 
     def stats(self) -> dict[str, Any]:
-        return {"sha256": self._sha.hexdigest(), "lines": self.lines, "bytes": self.bytes}
+        documents = self.documents + ([self._title] if self._title is not None else [])
+        return {
+            "sha256": self._sha.hexdigest(),
+            "lines": self.lines,
+            "bytes": self.bytes,
+            "documents": documents,
+        }
 
 
 def resolve_source(cfg: DataConfig) -> tuple[str, Path | None]:
@@ -211,9 +248,11 @@ def _write_builtin(writers: dict[str, _SplitWriter], fractions: tuple[float, ...
     docs = builtin_documents()
     assignment = assign_documents(docs, fractions)
     for split, names in assignment.items():
+        writers[split].detect_titles = False  # the documents are the topics
         for i, name in enumerate(names):
             if i:
                 writers[split].write_lines([""])  # one blank line between documents
+            writers[split].start_document()
             writers[split].write_lines(docs[name].rstrip("\n").split("\n"))
     counts = ", ".join(f"{split} {len(names)}" for split, names in assignment.items())
     return (

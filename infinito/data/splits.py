@@ -1,7 +1,8 @@
 """Readers of the tokenize stage's output: ``meta.json``, the ``{split}.bin`` memmaps, windows.
 
-``data/tokenized`` holds one ``{split}.bin`` of uint16 GPT-2 token ids per split and a
-``meta.json`` manifest (tokenizer, ``vocab_size``, per-split token, byte and word counts).
+``data/tokenized`` holds one ``{split}.bin`` of uint16 GPT-2 token ids per split, the token
+offsets where its documents start (``{split}.docs.npy``) and a ``meta.json`` manifest
+(tokenizer, ``vocab_size``, per-split token, byte, word and document counts).
 Training, validation and the evaluate stage read the splits through these functions only, as
 read-only memmaps that are never loaded whole.
 
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 
 from infinito.config import SPLITS, ConfigError
+from infinito.data import documents_file
 
 META_FILE = "meta.json"
 
@@ -61,6 +63,35 @@ def open_split(data_dir: Path, split: str, meta: dict[str, Any]) -> np.ndarray:
     if n < 2:
         raise ConfigError(f"{path} holds {n} tokens; a split needs at least 2 to score anything")
     return np.memmap(path, dtype=np.uint16, mode="r")
+
+
+def read_documents(data_dir: Path, split: str, meta: dict[str, Any]) -> np.ndarray:
+    """The token offsets where the split's documents start (int64, ascending; the tokenize
+    stage's ``{split}.docs.npy``), for the stream memory, which is cleared there."""
+    path = Path(data_dir) / documents_file(split)
+    if "documents" not in meta["splits"].get(split, {}) or not path.is_file():
+        raise ConfigError(
+            f"{path} not found: {data_dir} was tokenized without document starts, which "
+            "model.memory_scope=stream needs; re-run the download and tokenize stages (dvc "
+            "repro tokenize)"
+        )
+    starts = np.load(path)
+    if (
+        starts.dtype != np.int64
+        or starts.ndim != 1
+        or len(starts) != meta["splits"][split]["documents"]
+    ):
+        raise ConfigError(f"{path} does not match meta.json; re-run the tokenize stage")
+    return starts
+
+
+def document_crossed(
+    documents: np.ndarray, previous: Sequence[int] | np.ndarray, starts: Sequence[int] | np.ndarray
+) -> np.ndarray:
+    """Per stream, whether a document starts in ``(previous, start]``: the stream entered a new
+    document since its previous window began at ``previous`` (or this window begins one)."""
+    before = np.searchsorted(documents, np.asarray(previous, dtype=np.int64), side="right")
+    return np.searchsorted(documents, np.asarray(starts, dtype=np.int64), side="right") > before
 
 
 def check_vocab(model_vocab: int, vocab_size: int, model: str, source: str) -> None:

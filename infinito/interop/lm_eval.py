@@ -248,7 +248,8 @@ class InfinitoLM(TemplateLM):
             for w in windows
         ]
         batched.sort(key=lambda item: -item[1].length)  # similar lengths share a batch
-        self.model.reset_memory()  # batched windows read an empty memory: exactly zero
+        # batched windows read an empty memory: exactly zero (stream memories: one per row)
+        self.model.reset_memory(rows=self.batch_size)
         for b in range(0, len(batched), self.batch_size):
             chunk = batched[b : b + self.batch_size]
             rows = [plans[i][0][w.start : w.start + w.length] for i, w in chunk]
@@ -264,7 +265,7 @@ class InfinitoLM(TemplateLM):
 
     def _stream(self, tokens: list[int], windows: list[Window]) -> tuple[float, bool]:
         """One request's windows in order, from an empty memory, writing after each."""
-        self.model.reset_memory()
+        self.model.reset_memory(rows=1)  # a stream memory: the request is one stream
         total, greedy = 0.0, True
         for w in windows:
             out = self._forward([tokens[w.start : w.start + w.length]])
@@ -287,7 +288,7 @@ class InfinitoLM(TemplateLM):
         tokens = self.tok_encode(context) or [self.prefix_token_id]
         keep = self.max_length - max_new if max_new < self.max_length else self.max_length
         head, prompt = tokens[: max(0, len(tokens) - keep)], tokens[-keep:]
-        self.model.reset_memory()
+        self.model.reset_memory(rows=1)
         if self._has_memory and head:  # the context beyond the window goes through the memory
             for s in range(0, len(head), self.max_length):
                 self.model.write_memory(self._forward([head[s : s + self.max_length]]).candidates)

@@ -128,9 +128,12 @@ class Engine:
         positions = torch.tensor([s.length - 1 for s in seqs], device=self.device)  # (B,)
         wte, wpe = model.transformer.wte, model.transformer.wpe
         x = wte(tokens) + wpe(positions)[:, None]  # (B, 1, D)
+        rows = None  # the shared memory; stream memories: every request reads row 0, as prefill
+        if model.memory is not None and model.memory.stream:
+            rows = torch.zeros(len(seqs), dtype=torch.long, device=self.device)
         for i, block in enumerate(model.transformer.h):
             if i == model.memory_layer:
-                x, _ = model._memory_point(x)
+                x, _ = model._memory_point(x, rows)
             x = self._block(block, x, [s.caches[i] for s in seqs])
         return model.lm_head(model.transformer.ln_f(x[:, -1]))  # (B, V)
 
