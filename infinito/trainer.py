@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from infinito import distributed
+from infinito.atomic import remove_own_temporaries
 from infinito.batches import StepLayout, TrainData, epoch_order, load_windows
 from infinito.checkpoint import AsyncSaver, portable_rng_state, restore_rng_state
 from infinito.config import Params
@@ -110,6 +111,9 @@ class Trainer:
         self.forward: Any = torch.compile(self.plain) if want_compile else self.plain
         self.compiled = want_compile
         self.saver = AsyncSaver()
+        self.abandoned = False
+        # the step of the last state saved to state_path (a resumed run's starts there)
+        self.saved_step: int | None = None if state is None else self.loop.step
         self.progress = Progress(
             params.epochs,
             data.steps_per_epoch,
@@ -368,11 +372,23 @@ class Trainer:
                 raise NonFiniteLoss(
                     f"non-finite {'loss' if not math.isfinite(total_v) else 'gradient'}"
                     f" at step {step} (epoch {epoch}, batch {batch}): loss={total_v}, "
-                    f"grad norm={gnorm_v}; stopped without saving it; the last good state "
-                    f"is {self.state_path}"
+                    f"grad norm={gnorm_v}; stopped without saving it; {self._what_is_kept()}"
                 )
             self.loop.acc.add(ce_v, dict(zip(self.stat_keys, stat_v, strict=True)))
         return ce_v, flagged, len(rows)
+
+    def _what_is_kept(self) -> str:
+        """What a stop leaves on disk: the last saved state and best model, or that none is."""
+        if self.dist.is_main:
+            with contextlib.suppress(Exception):  # a save in flight is waited for
+                self.saver.wait()
+        if self.saved_step is None or not self.state_path.exists():
+            kept = "no state was saved yet, so rerunning starts from scratch"
+        else:
+            kept = f"the last saved state is {self.state_path} (step {self.saved_step})"
+        if self.best_dir.exists():
+            kept += f"; the best model so far is in {self.best_dir}"
+        return kept + " (a lower lr or train.grad_clip may avoid the divergence)"
 
     def _stop_together(self) -> None:
         """No process exits while rank 0 still saves."""
@@ -454,6 +470,7 @@ class Trainer:
             self.saver.save(self.snapshot(), self.state_path)
             if sync:
                 self.saver.wait()
+            self.saved_step = self.loop.step  # (an asynchronous save's error surfaces later)
         self.last_save = time.perf_counter()
 
     # ------------------------------------------------------------------ the end
@@ -499,8 +516,18 @@ class Trainer:
         self.saver.wait()
         return True
 
+    def abandon(self) -> None:
+        """An abort (a second signal): the save in flight is not waited for, and its temporary
+        file is removed now (the writer thread ends with the process)."""
+        self.abandoned = True
+        if self.dist.is_main:
+            remove_own_temporaries(self.state_path.parent)
+
     def close(self) -> None:
-        """Always, even after an error: end the progress bar, wait for a save in flight."""
+        """Always, even after an error: end the progress bar, wait for a save in flight (unless
+        the run was abandoned)."""
         self.progress.end_epoch()
+        if self.abandoned:
+            return
         with contextlib.suppress(Exception):  # a failing save must not mask the real error
             self.saver.wait()

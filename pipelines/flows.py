@@ -47,6 +47,7 @@ from infinito.config import (
 
 # The stages of dvc.yaml in the order the flow runs them.
 STAGES: tuple[str, ...] = (
+    "check-params",
     "download",
     "tokenize",
     "train",

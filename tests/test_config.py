@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import yaml
+from conftest import COMMITTED_PARAMS
 
 from infinito.config import (
     ConfigError,
@@ -26,7 +27,7 @@ from infinito.config import (
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-PARAMS = REPO_ROOT / "params.yaml"
+PARAMS = COMMITTED_PARAMS  # never the workspace's file, which experiments rewrite
 
 
 def _raw() -> dict[str, Any]:

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import yaml
+from conftest import COMMITTED_PARAMS
 from prefect.cache_policies import NONE
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
@@ -70,14 +71,14 @@ def test_override_args_round_trip_through_dvc_set_param(tmp_path: Path) -> None:
         "benchmark.batch_sizes": [1, 2],
         "generate.prompts": ['He said "hi"', "x: y"],
     }
-    base = (REPO_ROOT / "params.yaml").read_text()
+    base = COMMITTED_PARAMS.read_text()
     data = flows.resolve_overrides(base, overrides)
     args = flows.override_args(overrides, data)
     assert args[:3] == ["lr=0.0001", "batch_size=32", "model.iit=false"]
     path = tmp_path / "params.yaml"
     path.write_text(base)
     dvc_apply_overrides(str(path), args)
-    assert load_params(path) == load_params(REPO_ROOT / "params.yaml", overrides)
+    assert load_params(path) == load_params(COMMITTED_PARAMS, overrides)
 
 
 @pytest.mark.parametrize(
@@ -93,7 +94,7 @@ def test_flow_precheck_reads_params_as_the_stages_do(
 ) -> None:
     """The flow's pre-check and the stages share one reader: neither accepts what the other
     refuses."""
-    text = (REPO_ROOT / "params.yaml").read_text()
+    text = COMMITTED_PARAMS.read_text()
     assert old in text
     path = tmp_path / "params.yaml"
     path.write_text(text.replace(old, new, 1))
@@ -120,7 +121,7 @@ def test_flow_precheck_reads_params_as_the_stages_do(
 )
 def test_bad_overrides_name_the_key(overrides: dict[str, Any], match: str) -> None:
     with pytest.raises(ConfigError, match=match):
-        flows.resolve_overrides((REPO_ROOT / "params.yaml").read_text(), overrides)
+        flows.resolve_overrides(COMMITTED_PARAMS.read_text(), overrides)
 
 
 def test_metrics_and_diff_rows_flatten_dvc_json() -> None:

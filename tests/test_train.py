@@ -14,9 +14,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import conftest
 import pytest
 import torch
-import yaml
 from conftest import train_cli_args, train_outputs
 
 from infinito import trainer as trainer_mod
@@ -131,8 +131,7 @@ def tiny(overrides: dict[str, Any] | None = None) -> Params:
 
 
 def write_params(path: Path, overrides: dict[str, Any] | None = None) -> Path:
-    path.write_text(yaml.safe_dump(apply_overrides(TINY, overrides or {})))
-    return path
+    return conftest.write_params(path, conftest.flatten(apply_overrides(TINY, overrides or {})))
 
 
 def run(params: Params, data: Path, root: Path, **kwargs: Any) -> dict[str, Any]:

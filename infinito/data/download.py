@@ -34,11 +34,13 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from infinito.atomic import atomic_dir, write_json
-from infinito.config import SPLITS, WIKITEXT_SOURCES, ConfigError, DataConfig, load_params
+from infinito.atomic import DiskFull, atomic_dir, write_json
+from infinito.config import SPLITS, WIKITEXT_SOURCES, ConfigError, DataConfig, stage_params
 from infinito.data import DataError
 
 BUILTIN = "builtin"
+# The params.yaml keys this stage reads: dvc.yaml's download params (tests keep them equal).
+PARAMS_KEYS = ("data.source", "data.split_fractions")
 HUB_DATASET = "Salesforce/wikitext"
 HUB_PROBE_TIMEOUT_S = 5.0  # a reachable Hub answers well within this; an unreachable one fails fast
 LOCAL_SPLIT_FILES = {
@@ -333,11 +335,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="output directory (data/raw)")
     args = parser.parse_args(argv)
     try:
-        params = load_params(args.params)
-        manifest = download(params.data, args.out)
+        with stage_params(args.params, PARAMS_KEYS) as params:
+            manifest = download(params.data, args.out)
     except (ConfigError, DataError) as e:
         print(f"download: error: {e}", file=sys.stderr)
         return 1
+    except DiskFull as e:
+        print(f"download: error: {e}", file=sys.stderr)
+        return 2
     print(f"download: {manifest['origin']}")
     for split, s in manifest["splits"].items():
         print(
