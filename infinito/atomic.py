@@ -30,10 +30,10 @@ class DiskFull(OSError):
 
     def __init__(self, path: Path, cause: OSError) -> None:
         super().__init__(
-            f"no space left on the device holding {path.parent} while writing {path} "
-            f"({os.strerror(cause.errno or errno.ENOSPC)}); nothing was overwritten and the "
-            f"partial file was removed; free space and rerun (an output DVC removed before "
-            f"the run comes back with `dvc checkout`)"
+            f"no space left on the device holding {path.parent} "
+            f"({os.strerror(cause.errno or errno.ENOSPC)}): writing {path} failed, nothing was "
+            f"overwritten and the partial file was removed; free space and rerun (an output "
+            f"DVC removed before the run comes back with `dvc checkout`)"
         )
         self.errno = cause.errno
         self.path = path

@@ -58,6 +58,7 @@ def _wait_for(log: Path, text: str, timeout: float = 180) -> None:
         time.sleep(0.2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("through_shell", [False, True], ids=["parent", "shell-then-parent"])
 def test_a_trainer_saves_and_stops_when_its_launcher_is_killed(
     tokenized_data: Callable[..., Path], tmp_path: Path, through_shell: bool
