@@ -150,7 +150,9 @@ def train(
         try:
             with stop_on_signals() as stop:
                 trainer.fit(stop)
-            if not trainer.finish():
+                # a signal now lets the last validation and save finish; a second aborts
+                on_rank0 = trainer.finish()
+            if not on_rank0:
                 return distributed.broadcast_json(None, dist)
         except TrainingAborted:
             trainer.abandon()  # exit now: no waiting for a save in flight

@@ -22,7 +22,7 @@ import torch
 from conftest import train_cli_args, write_params, write_tokenized
 
 from infinito import benchmark, cli, evaluate, generate, train
-from infinito.atomic import DiskFull, atomic_dir, atomic_open
+from infinito.atomic import atomic_dir, atomic_open
 from infinito.config import ModelConfig
 from infinito.data import download, tokenize
 from infinito.model import Infinito
@@ -181,6 +181,8 @@ def test_token_ids_outside_the_vocabulary_are_one_line_naming_the_file(
 
 
 def test_atomic_writers_turn_enospc_into_disk_full_and_keep_the_old_output(tmp_path: Path) -> None:
+    from infinito.atomic import DiskFull
+
     path = tmp_path / "out.txt"
     path.write_text("old")
     with (

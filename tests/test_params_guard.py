@@ -26,8 +26,8 @@ import pytest
 import yaml
 from conftest import COMMITTED_PARAMS, REPO_ROOT, command_env, write_params
 
-from infinito import check_params, config
-from infinito.config import ConfigError, ParamsChanged, load_params, stage_params
+from infinito import config
+from infinito.config import ConfigError, load_params
 
 STAGES = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]
 
@@ -62,6 +62,8 @@ def test_every_stage_but_check_params_runs_after_it() -> None:
 
 
 def test_stage_params_fails_when_a_watched_key_changes(tmp_path: Path) -> None:
+    from infinito.config import ParamsChanged, stage_params
+
     path = write_params(tmp_path / "params.yaml")
     with stage_params(path, ("lr", "model")) as params:  # an unwatched key may change
         write_params(path, {"generate.top_k": 5})
@@ -84,6 +86,8 @@ def test_stage_params_fails_when_a_watched_key_changes(tmp_path: Path) -> None:
 
 
 def test_an_error_inside_the_block_is_not_masked(tmp_path: Path) -> None:
+    from infinito.config import stage_params
+
     path = write_params(tmp_path / "params.yaml")
     with pytest.raises(ConfigError, match="the stage's own error"), stage_params(path, ("seed",)):
         write_params(path, {"seed": 7})
@@ -236,6 +240,8 @@ def test_a_concurrent_exp_run_cannot_make_dvc_record_params_the_model_was_not_tr
 
 
 def test_check_params_writes_the_same_marker_for_any_valid_params(tmp_path: Path) -> None:
+    from infinito import check_params
+
     out = tmp_path / "ok"
     for overrides in ({}, {"lr": 1e-3, "model.iit": False}):
         params = write_params(tmp_path / "params.yaml", overrides)
@@ -250,6 +256,8 @@ def test_check_params_writes_the_same_marker_for_any_valid_params(tmp_path: Path
 def test_check_params_names_the_way_back(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    from infinito import check_params
+
     params = write_params(tmp_path / "params.yaml", {"lr": ".inf"})
     assert check_params.main(["--params", str(params)]) == 2
     err = capsys.readouterr().err

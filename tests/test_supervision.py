@@ -22,7 +22,6 @@ from conftest import train_cli_args, write_params
 
 from infinito.checkpoint import load_state
 from infinito.config import ConfigError
-from infinito.supervision import state_lock
 
 TINY = {
     "epochs": 50,
@@ -129,6 +128,8 @@ def test_the_launch_chain_climbs_over_shell_wrappers(tmp_path: Path) -> None:
 def test_a_second_trainer_on_the_same_state_refuses_naming_the_pid(
     tokenized_data: Callable[..., Path], tmp_path: Path
 ) -> None:
+    from infinito.supervision import state_lock
+
     state = tmp_path / "checkpoints"
     with state_lock(state):
         refused = pytest.raises(ConfigError, match=rf"another trainer \(PID {os.getpid()}\)")
