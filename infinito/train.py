@@ -233,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         ):
             nproc = params.train.nproc_per_node
             if nproc > 1 and not distributed.launched():
-                log.info("train.nproc_per_node=%d: launching %d torchrun processes", nproc, nproc)
+                msg = "train.nproc_per_node=%d: launching %d processes with torchrun"
+                log.info(msg, nproc, nproc)
                 distributed.exec_torchrun(nproc, "infinito.train", argv)
             metrics = train(
                 params,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -128,6 +129,30 @@ def test_the_launch_chain_climbs_over_shell_wrappers(tmp_path: Path) -> None:
 def test_a_second_trainer_on_the_same_state_refuses_naming_the_pid(
     tokenized_data: Callable[..., Path], tmp_path: Path
 ) -> None:
+    """What a second ``dvc repro`` after an orphaned trainer used to do: train beside it."""
+    params = write_params(tmp_path / "params.yaml", TINY)
+    data = tokenized_data()
+    train = [sys.executable, "-m", "infinito.train", *train_cli_args(params, data, tmp_path)]
+    log = tmp_path / "first.log"
+    with log.open("w") as out:
+        first = subprocess.Popen(train, stderr=out, env=ENV)
+    try:
+        _wait_for(log, "step 2/")
+        second = subprocess.run(train, capture_output=True, text=True, env=ENV, timeout=300)
+        assert first.poll() is None  # untouched by the refusal
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.wait(timeout=120)
+    state = tmp_path / "checkpoints"
+    assert second.returncode == 2, second.stderr
+    assert (
+        f"another trainer (PID {first.pid}) is using the state directory {state}" in second.stderr
+    )
+    assert f"kill {first.pid}" in second.stderr and "Traceback" not in second.stderr
+    assert "starting a fresh run" not in second.stderr  # refused before any work
+
+
+def test_the_state_lock_is_exclusive_and_released(tmp_path: Path) -> None:
     from infinito.supervision import state_lock
 
     state = tmp_path / "checkpoints"
@@ -135,23 +160,5 @@ def test_a_second_trainer_on_the_same_state_refuses_naming_the_pid(
         refused = pytest.raises(ConfigError, match=rf"another trainer \(PID {os.getpid()}\)")
         with refused, state_lock(state):
             pass
-        params = write_params(tmp_path / "params.yaml", TINY)
-        proc = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "infinito.train",
-                *train_cli_args(params, tokenized_data(), tmp_path),
-            ],
-            capture_output=True,
-            text=True,
-            env=ENV,
-        )
-    assert proc.returncode == 2, proc.stderr
-    assert (
-        f"another trainer (PID {os.getpid()}) is using the state directory {state}" in proc.stderr
-    )
-    assert f"kill {os.getpid()}" in proc.stderr and "Traceback" not in proc.stderr
-    assert not (state / "state.pt").exists()  # it touched nothing
     with state_lock(state):  # released when the holder's block ends
         pass
