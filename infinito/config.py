@@ -7,8 +7,12 @@ values with an error that names the key and says what is allowed::
     >>> ModelConfig(d_model=512, n_head=7)
     ConfigError: model.n_head=7 must divide model.d_model=512
 
-``load_params(path)`` reads the whole file into ``Params``; ``apply_overrides`` applies dotted
+``load_params(path)`` reads the whole file into ``Params`` (every key must be there: a missing
+one is an error naming it, never a silent default); ``apply_overrides`` applies dotted
 ``key=value`` overrides (``{"lr": 1e-4, "model.iit": False}``) the way ``dvc exp run -S`` does.
+``stage_params`` is how each stage's ``main`` reads its params: it reads the stage's keys again
+when the stage ends and fails it if they changed meanwhile, so dvc.lock never records values
+the outputs were not computed with.
 Every reader of ``params.yaml`` goes through ``parse_yaml``, the parser DVC itself uses
 (``ruamel.yaml``, YAML 1.2), so the stages, the Prefect flow's pre-check and DVC agree on what
 the file says; ``write_params`` edits it as DVC does, keeping its comments.

@@ -130,7 +130,10 @@ def test_a_second_trainer_on_the_same_state_refuses_naming_the_pid(
     tokenized_data: Callable[..., Path], tmp_path: Path
 ) -> None:
     """What a second ``dvc repro`` after an orphaned trainer used to do: train beside it."""
-    params = write_params(tmp_path / "params.yaml", TINY)
+    # runs till stopped: no early stop on this easily learnt data
+    params = write_params(
+        tmp_path / "params.yaml", {**TINY, "epochs": 5000, "train.patience": 5000}
+    )
     data = tokenized_data()
     train = [sys.executable, "-m", "infinito.train", *train_cli_args(params, data, tmp_path)]
     log = tmp_path / "first.log"
@@ -138,7 +141,7 @@ def test_a_second_trainer_on_the_same_state_refuses_naming_the_pid(
         first = subprocess.Popen(train, stderr=out, env=ENV)
     try:
         _wait_for(log, "step 2/")
-        second = subprocess.run(train, capture_output=True, text=True, env=ENV, timeout=300)
+        second = subprocess.run(train, capture_output=True, text=True, env=ENV, timeout=150)
         assert first.poll() is None  # untouched by the refusal
     finally:
         first.send_signal(signal.SIGTERM)
