@@ -57,9 +57,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from infinito.atomic import write_json
-from infinito.config import PARAMS_FILE, BenchmarkConfig, ConfigError, ModelConfig, load_params
+from infinito.atomic import DiskFull, write_json
+from infinito.config import PARAMS_FILE, BenchmarkConfig, ConfigError, ModelConfig, stage_params
 from infinito.runtime import autocast, resolve_device, resolve_dtype, synchronize
+
+# The params.yaml keys this stage reads: dvc.yaml's benchmark-inference params (tests keep them
+# equal).
+PARAMS_KEYS = ("seed", "benchmark", "train.device", "train.precision")
 
 METRICS = ("ttft_ms", "p50_ms", "p95_ms", "tokens_per_sec")
 
@@ -442,18 +446,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        params = load_params(args.params)
-        cfg = quick(params.benchmark) if args.quick else params.benchmark
-        metrics = run_benchmark(
-            cfg,
-            params.seed,
-            args.model,
-            args.metrics,
-            device=args.device or params.train.device,
-            precision=params.train.precision,
-            data_dir=args.data,
-        )
-    except ConfigError as e:
+        with stage_params(args.params, PARAMS_KEYS) as params:
+            cfg = quick(params.benchmark) if args.quick else params.benchmark
+            metrics = run_benchmark(
+                cfg,
+                params.seed,
+                args.model,
+                args.metrics,
+                device=args.device or params.train.device,
+                precision=params.train.precision,
+                data_dir=args.data,
+            )
+    except (ConfigError, DiskFull) as e:
         print(f"infinito benchmark: {e}", file=sys.stderr)
         return 2
     for key, value in metrics.items():

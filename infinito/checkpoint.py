@@ -9,11 +9,9 @@ step boundary, so saving a state does not stall training.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
-import tempfile
+import pickle
 import threading
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from infinito.atomic import atomic_open
 from infinito.config import ConfigError
 from infinito.runtime import rng_state, set_rng_state
 
@@ -77,30 +76,33 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 
 def save_state(state: dict[str, Any], path: Path) -> None:
     """``torch.save`` to a temporary file beside ``path``, fsync, then rename over it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path, "wb") as f:
+        torch.save(state, f)
 
 
 def load_state(path: Path) -> dict[str, Any]:
-    """Load a state saved by ``save_state`` (weights_only: tensors and plain types only)."""
+    """Load a state saved by ``save_state`` (weights_only: tensors and plain types only).
+
+    A damaged or foreign file is refused with what to do about it. torch's own message is not
+    passed on: it suggests ``weights_only=False``, which would run whatever code the file holds.
+    """
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a foreign or damaged file: say what to do with it
+        text = str(e)
+        pickled = isinstance(e, pickle.UnpicklingError) and (
+            "not an allowed global" in text or "Unsupported global" in text
+        )
+        what = (
+            "it holds pickled objects other than tensors and plain values, which are not "
+            "loaded because loading them could run code"
+            if pickled
+            else f"it is damaged or not a training state ({type(e).__name__})"
+        )
         raise ConfigError(
-            f"cannot read the training state {path} ({type(e).__name__}: {e}); "
-            f"delete {path.parent} to start training from scratch"
-        ) from e
+            f"cannot read the training state {path}: {what}; delete {path.parent} to start "
+            f"training from scratch"
+        ) from None
 
 
 class AsyncSaver:
@@ -120,7 +122,9 @@ class AsyncSaver:
             except BaseException as e:  # re-raised in the training thread by wait()
                 self._error = e
 
-        self._thread = threading.Thread(target=run, name="infinito-state-saver", daemon=False)
+        # A daemon: a run that is aborted (a second Ctrl-C) exits without waiting for it; every
+        # other way out waits (``Trainer.close``), so no save is cut short otherwise.
+        self._thread = threading.Thread(target=run, name="infinito-state-saver", daemon=True)
         self._thread.start()
 
     def wait(self) -> None:
@@ -146,13 +150,3 @@ def file_digest(path: Path, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()[:16]
-
-
-def diff_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two nested dicts, as ``key: old -> new``."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        out: list[str] = []
-        for k in sorted(set(old) | set(new)):
-            out += diff_keys(old.get(k), new.get(k), f"{prefix}{k}.")
-        return out
-    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]

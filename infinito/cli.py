@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 COMMANDS = {
+    "check-params": ("infinito.check_params", "validate params.yaml (the pipeline's first stage)"),
     "download": ("infinito.data.download", "fetch the corpus into data/raw"),
     "tokenize": ("infinito.data.tokenize", "GPT-2 BPE-encode data/raw into data/tokenized"),
     "train": ("infinito.train", "train INFINITO (options override params.yaml)"),

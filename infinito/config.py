@@ -7,8 +7,12 @@ values with an error that names the key and says what is allowed::
     >>> ModelConfig(d_model=512, n_head=7)
     ConfigError: model.n_head=7 must divide model.d_model=512
 
-``load_params(path)`` reads the whole file into ``Params``; ``apply_overrides`` applies dotted
+``load_params(path)`` reads the whole file into ``Params`` (every key must be there: a missing
+one is an error naming it, never a silent default); ``apply_overrides`` applies dotted
 ``key=value`` overrides (``{"lr": 1e-4, "model.iit": False}``) the way ``dvc exp run -S`` does.
+``stage_params`` is how each stage's ``main`` reads its params: it reads the stage's keys again
+when the stage ends and fails it if they changed meanwhile, so dvc.lock never records values
+the outputs were not computed with.
 Every reader of ``params.yaml`` goes through ``parse_yaml``, the parser DVC itself uses
 (``ruamel.yaml``, YAML 1.2), so the stages, the Prefect flow's pre-check and DVC agree on what
 the file says; ``write_params`` edits it as DVC does, keeping its comments.
@@ -16,10 +20,13 @@ the file says; ``write_params`` edits it as DVC does, keeping its comments.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 import re
 import types
 import typing
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
@@ -95,6 +102,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         _fail(key, value, "must be an integer")
     if tp is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
+            if not math.isfinite(value):  # YAML's .inf and .nan are floats too
+                _fail(key, value, "must be a finite number (not inf or nan)")
             return float(value)
         _fail(key, value, "must be a number")
     if tp is str:
@@ -611,11 +620,127 @@ def read_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
 
 
 def load_params(path: str | Path = PARAMS_FILE, overrides: dict[str, Any] | None = None) -> Params:
-    """Read and validate ``params.yaml``; ``overrides`` maps dotted keys to values."""
-    data = read_params(path)
+    """Read and validate ``params.yaml``; ``overrides`` maps dotted keys to values.
+
+    The file must give every key (``check_complete``): a key left out is an error naming it,
+    never a silent default, so the file (and DVC's record of it) describes the whole run.
+    """
+    return params_from(read_params(path), str(path), overrides)
+
+
+def params_from(
+    data: dict[str, Any], source: str, overrides: dict[str, Any] | None = None
+) -> Params:
+    """Validate the raw mapping of the params file ``source`` (``overrides`` applied first)."""
     if overrides:
         data = apply_overrides(data, overrides)
-    return Params.from_dict(data)
+    params = Params.from_dict(data)
+    check_complete(data, source)
+    return params
+
+
+def missing_keys(data: dict[str, Any]) -> list[str]:
+    """The dotted keys of ``Params`` that the raw mapping ``data`` does not give."""
+
+    def walk(defaults: dict[str, Any], given: Any, prefix: str) -> list[str]:
+        given = given if isinstance(given, dict) else {}
+        out: list[str] = []
+        for key, default in defaults.items():
+            if key not in given:
+                out.append(f"{prefix}{key}")
+            elif isinstance(default, dict):
+                out += walk(default, given[key], f"{prefix}{key}.")
+        return out
+
+    return walk(Params().to_dict(), data, "")
+
+
+def check_complete(data: dict[str, Any], source: str) -> None:
+    """Every key of the schema must be in the params file ``source`` (its raw mapping ``data``)."""
+    missing = missing_keys(data)
+    if not missing:
+        return
+    defaults = Params().to_dict()
+    shown = []
+    for key in missing[:5]:
+        value: Any = defaults
+        for part in key.split("."):
+            value = value[part]
+        shown.append(f"{key} (default {value!r})" if not isinstance(value, dict) else key)
+    more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+    raise ConfigError(
+        f"{source} lacks {', '.join(shown)}{more}: give every key (docs/params.md lists them "
+        f"with their defaults), so the file and DVC's record of it describe the whole run"
+    )
+
+
+def diff_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts, as ``key: old -> new``."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for k in sorted(set(old) | set(new)):
+            out += diff_keys(old.get(k), new.get(k), f"{prefix}{k}.")
+        return out
+    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
+
+
+# ----------------------------------------------------------------------------- stages' params
+
+
+class ParamsChanged(ConfigError):
+    """The params file changed while a stage ran: DVC would record values it did not use."""
+
+
+_ABSENT = "<absent>"
+
+
+def param_values(data: Any, keys: Sequence[str] | None) -> dict[str, Any]:
+    """The raw values of the dotted ``keys`` (dvc.yaml's ``params`` of a stage) in ``data``;
+    ``None``: the whole mapping. A key that is not there maps to ``"<absent>"``."""
+    if keys is None:
+        return dict(data) if isinstance(data, dict) else {"": data}
+    out: dict[str, Any] = {}
+    for dotted in keys:
+        node: Any = data
+        for part in dotted.split("."):
+            node = node.get(part, _ABSENT) if isinstance(node, dict) else _ABSENT
+        out[dotted] = node
+    return out
+
+
+@contextlib.contextmanager
+def stage_params(
+    path: str | Path,
+    keys: Sequence[str] | None,
+    overrides: dict[str, Any] | None = None,
+) -> Iterator[Params]:
+    """Load a stage's params, and when the block ends without an error, read the file again:
+    if any of ``keys`` (the stage's ``params`` in dvc.yaml; None: the whole file) changed
+    meanwhile, raise ``ParamsChanged`` naming them.
+
+    DVC records a stage's params in dvc.lock from the file as it is when the command exits, so
+    an edit during the run (another ``dvc exp run -S`` rewriting params.yaml) would be recorded
+    against outputs computed with the old values. Failing the stage keeps dvc.lock true.
+    """
+    path = Path(path)
+    data = read_params(path)
+    before = param_values(data, keys)
+    yield params_from(data, str(path), overrides)
+    try:
+        after = param_values(read_params(path), keys)
+    except ConfigError as e:
+        raise ParamsChanged(
+            f"{path} can no longer be read ({e}) after this stage ran; its outputs were "
+            f"computed with the values read at the start; restore the file and rerun"
+        ) from e
+    changed = diff_keys(before, after)
+    if changed:
+        what = "; ".join(changed[:6]) + (" ..." if len(changed) > 6 else "")
+        raise ParamsChanged(
+            f"{path} changed while this stage ran ({what}): its outputs were computed with the "
+            f"values read at the start, so the stage fails rather than let DVC record the new "
+            f"ones; rerun it (dvc repro) to compute with the new values"
+        )
 
 
 class _ParamsRepresenter(RoundTripRepresenter):

@@ -44,8 +44,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from infinito.atomic import write_json
-from infinito.config import PARAMS_FILE, ConfigError, Params, load_params
+from infinito.atomic import DiskFull, write_json
+from infinito.config import PARAMS_FILE, ConfigError, Params, stage_params
 from infinito.data.splits import (
     check_vocab,
     nonoverlapping_windows,
@@ -60,6 +60,8 @@ from infinito.scoring import Score, perplexity, score
 log = logging.getLogger(__name__)
 
 LN2 = math.log(2.0)
+# The params.yaml keys this stage reads: dvc.yaml's evaluate params (tests keep them equal).
+PARAMS_KEYS = ("data.seq_len", "evaluate", "train.device", "train.precision")
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -185,9 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
-        params = load_params(args.params)
-        metrics = evaluate(params, args.model, args.data, args.metrics)
-    except ConfigError as e:
+        with stage_params(args.params, PARAMS_KEYS) as params:
+            metrics = evaluate(params, args.model, args.data, args.metrics)
+    except (ConfigError, DiskFull) as e:
         print(f"evaluate: error: {e}", file=sys.stderr)
         return 2
     keys = [k for k in metrics if k.endswith("_ppl") and "memory" not in k]

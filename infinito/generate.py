@@ -28,11 +28,15 @@ from typing import Any
 
 import torch
 
-from infinito.atomic import write_json, write_text
-from infinito.config import PARAMS_FILE, ConfigError, GenerateConfig, load_params
+from infinito.atomic import DiskFull, write_json, write_text
+from infinito.config import PARAMS_FILE, ConfigError, GenerateConfig, stage_params
 from infinito.data.splits import check_vocab
 from infinito.runtime import autocast, resolve_device, resolve_dtype, seed_everything, synchronize
 from infinito.textmetrics import text_metrics
+
+# The params.yaml keys this stage reads: dvc.yaml's generate-samples params (tests keep them
+# equal).
+PARAMS_KEYS = ("seed", "generate", "train.device", "train.precision")
 
 
 @dataclass(frozen=True)
@@ -286,21 +290,21 @@ def config_from_args(base: GenerateConfig, args: argparse.Namespace) -> Generate
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        params = load_params(args.params)
-        cfg = config_from_args(params.generate, args)
-        seed = params.seed if args.seed is None else args.seed
-        if seed < 0:
-            raise ConfigError(f"--seed={seed} must be a non-negative integer")
-        out = generate_samples(
-            cfg,
-            seed,
-            args.model,
-            args.samples,
-            args.metrics,
-            device=args.device or params.train.device,
-            precision=params.train.precision,
-        )
-    except ConfigError as e:
+        with stage_params(args.params, PARAMS_KEYS) as params:
+            cfg = config_from_args(params.generate, args)
+            seed = params.seed if args.seed is None else args.seed
+            if seed < 0:
+                raise ConfigError(f"--seed={seed} must be a non-negative integer")
+            out = generate_samples(
+                cfg,
+                seed,
+                args.model,
+                args.samples,
+                args.metrics,
+                device=args.device or params.train.device,
+                precision=params.train.precision,
+            )
+    except (ConfigError, DiskFull) as e:
         print(f"infinito generate: {e}", file=sys.stderr)
         return 2
     if args.samples is None and args.metrics is None:

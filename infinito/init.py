@@ -46,14 +46,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from infinito import hub
-from infinito.atomic import write_json
-from infinito.config import PARAMS_FILE, ConfigError, ModelConfig, load_params
+from infinito.atomic import DiskFull, write_json
+from infinito.config import PARAMS_FILE, ConfigError, ModelConfig, stage_params
 
 if TYPE_CHECKING:
     from infinito.model import Infinito
 
 log = logging.getLogger(__name__)
 
+# The params.yaml keys this stage reads: dvc.yaml's init params (tests keep them equal).
+PARAMS_KEYS = ("train.init_from",)
 SCRATCH = "scratch"
 CONFIG_FILE = "config.json"  # INFINITO's checkpoints and transformers' folders alike
 # ModelConfig field -> GPT2Config field (infinito.interop.gpt2.DIMENSIONS): what the weights fix.
@@ -374,12 +376,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
-        source = resolve(load_params(args.params).train.init_from)
-        record = source.record()
-    except ConfigError as e:
+        with stage_params(args.params, PARAMS_KEYS) as params:
+            source = resolve(params.train.init_from)
+            record = source.record()
+        write_json(args.out, record)
+    except (ConfigError, DiskFull) as e:
         print(f"init: error: {e}", file=sys.stderr)
         return 2
-    write_json(args.out, record)
     print(f"init: training starts from {source.describe()}; manifest {args.out}")
     return 0
 

@@ -53,7 +53,9 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin, snapshot_download
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
 from infinito.atomic import atomic_dir, write_json
@@ -88,8 +90,25 @@ def checkpoint_config(path: str | Path) -> ModelConfig:
                 f"Infinito.save holds {WEIGHTS_FILE} and {CONFIG_FILE}); train first (dvc repro "
                 "train) or pass --model pointing at one"
             )
-    with (path / CONFIG_FILE).open() as f:
-        return ModelConfig.from_dict(json.load(f))
+    try:
+        with (path / CONFIG_FILE).open(encoding="utf-8") as f:
+            data = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(_damaged(path / CONFIG_FILE, f"not valid JSON: {e}")) from e
+    if not isinstance(data, dict):
+        raise CheckpointError(_damaged(path / CONFIG_FILE, "not a JSON object of model keys"))
+    try:
+        return ModelConfig.from_dict(data)
+    except ConfigError as e:  # e.g. a checkpoint of another INFINITO version
+        raise CheckpointError(f"{path / CONFIG_FILE}: {e}") from e
+
+
+def _damaged(file: Path, reason: str) -> str:
+    """The message for a checkpoint file that cannot be read, with the ways to restore it."""
+    return (
+        f"{file} is damaged ({reason}); restore it with `dvc checkout {file.parent}` if DVC "
+        f"tracks it, or write it again by training (`dvc repro -f train`)"
+    )
 
 
 @dataclass
@@ -588,7 +607,9 @@ class Infinito(
 
     def _write_checkpoint(self, directory: Path) -> None:
         tensors = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
-        save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+        data = safetensors_bytes(tensors, metadata={"format": "pt"})
+        with (directory / WEIGHTS_FILE).open("wb") as f:  # a Python write: a full disk is OSError
+            f.write(data)
         write_json(directory / CONFIG_FILE, self.config.to_dict())
 
     def _save_pretrained(self, save_directory: Path) -> None:
@@ -638,7 +659,12 @@ class Infinito(
         """Load a directory written by ``save``, strictly: a missing or unexpected tensor fails."""
         path = Path(path)
         config = checkpoint_config(path)
-        state = load_file(str(path / WEIGHTS_FILE), device=str(map_location))
+        try:
+            state = load_file(str(path / WEIGHTS_FILE), device=str(map_location))
+        except SafetensorError as e:
+            raise CheckpointError(
+                _damaged(path / WEIGHTS_FILE, f"not a readable safetensors file: {e}")
+            ) from e
         with torch.device("meta"):  # no initialisation work: every tensor is loaded below
             model = cls(config)
         expected = set(model.state_dict())
@@ -648,7 +674,15 @@ class Infinito(
                 f"{path / WEIGHTS_FILE} does not match {path / CONFIG_FILE}: missing tensors "
                 f"{missing or 'none'}, unexpected tensors {unexpected or 'none'}"
             )
-        model.load_state_dict(state, strict=True, assign=True)
+        try:
+            model.load_state_dict(state, strict=True, assign=True)
+        except RuntimeError as e:  # shapes that are not the config's
+            reason = str(e).splitlines()[-1].strip()
+            raise CheckpointError(
+                f"{path / WEIGHTS_FILE} does not match {path / CONFIG_FILE} ({reason}); "
+                f"restore the pair with `dvc checkout {path}` if DVC tracks it, or train "
+                "again (`dvc repro -f train`)"
+            ) from e
         return model
 
     # ------------------------------------------------------------------ accounting

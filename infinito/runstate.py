@@ -26,7 +26,6 @@ import torch
 
 from infinito import distributed
 from infinito.checkpoint import (
-    diff_keys,
     file_digest,
     fingerprint,
     load_state,
@@ -34,7 +33,7 @@ from infinito.checkpoint import (
     restore_rng_state,
     to_cpu,
 )
-from infinito.config import ConfigError, Params
+from infinito.config import ConfigError, Params, diff_keys
 
 if TYPE_CHECKING:
     from infinito.init import InitSource
@@ -203,8 +202,12 @@ def shared_previous_state(
     if d.is_main:
         fp_inputs = fingerprint_inputs(params, data_dir, init.record())
         fp = fingerprint(fp_inputs)
-        for tmp in state_dir.glob(f".{STATE_FILE}.*.tmp"):  # a save cut short by kill -9
-            tmp.unlink()
+        # saves cut short by kill -9 (the state lock makes every temporary here stale)
+        for tmp in state_dir.glob(".*.tmp"):
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
         try:
             state = previous_state(state_dir, fp, fp_inputs, stale_state)
         except ConfigError as e:
@@ -272,9 +275,26 @@ def restore(
     restore_rng_state(state["rng"])
 
 
+class TrainingAborted(KeyboardInterrupt):
+    """A second SIGINT/SIGTERM: stop at once, without the save the first one asked for.
+
+    A ``KeyboardInterrupt`` (a ``BaseException``), so no ``except Exception`` on the way
+    swallows it.
+    """
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        super().__init__(
+            f"aborted by a second {signal.Signals(signum).name}: stopped at once, without "
+            "saving this step; the state saved before (if any) is kept, and rerunning the "
+            "same command resumes from it"
+        )
+
+
 @contextlib.contextmanager
 def stop_on_signals() -> Iterator[list[int]]:
-    """Turn SIGINT/SIGTERM into a flag checked at step boundaries; a second one stops at once.
+    """Turn SIGINT/SIGTERM into a flag checked at step boundaries; a second one stops at once
+    (``TrainingAborted``).
 
     Yields a list that receives the signal number. Only the main thread can install handlers;
     elsewhere (e.g. a Prefect worker thread) the process's own handling applies.
@@ -286,7 +306,7 @@ def stop_on_signals() -> Iterator[list[int]]:
 
     def handler(signum: int, frame: Any) -> None:
         if flag:
-            raise KeyboardInterrupt
+            raise TrainingAborted(signum)
         flag.append(signum)
         log.warning(
             "%s received: saving the state at the end of this step (again to abort)",

@@ -116,5 +116,17 @@ def torch_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(old)
 
 
+MIN_BAR_COLUMNS = 40  # narrower, a progress bar shows too little to be worth drawing
+
+
 def is_tty() -> bool:
-    return os.isatty(2) and os.environ.get("CI", "").lower() not in ("1", "true")
+    """Whether stderr is a terminal a progress bar can draw on: not CI, and a size of at least
+    ``MIN_BAR_COLUMNS`` columns and 2 rows (``script`` without a size, and some CI consoles,
+    report 0 x 0, where tqdm draws nothing at all)."""
+    if not os.isatty(2) or os.environ.get("CI", "").lower() in ("1", "true"):
+        return False
+    try:
+        size = os.get_terminal_size(2)
+    except OSError:
+        return False
+    return size.columns >= MIN_BAR_COLUMNS and size.lines >= 2

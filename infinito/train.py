@@ -33,18 +33,26 @@ starts fresh instead); a finished one is not retrained, its outputs are written 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from infinito import distributed
+from infinito import distributed, supervision
+from infinito.atomic import DiskFull
 from infinito.batches import TrainData, epoch_order, step_layout
-from infinito.config import PARAMS_FILE, ConfigError, Params, load_params
+from infinito.config import PARAMS_FILE, ConfigError, Params, stage_params
 from infinito.init import resolve as resolve_init
 from infinito.optim import LRFactor, build_optimizer, build_schedulers
-from infinito.runstate import STATE_FILE, Loop, shared_previous_state, stop_on_signals
+from infinito.runstate import (
+    STATE_FILE,
+    Loop,
+    TrainingAborted,
+    shared_previous_state,
+    stop_on_signals,
+)
 from infinito.trainer import NonFiniteLoss, Trainer, TrainingInterrupted
 from infinito.trainlog import export, peak_flops
 
@@ -52,6 +60,7 @@ from infinito.trainlog import export, peak_flops
 __all__ = [
     "LRFactor",
     "NonFiniteLoss",
+    "TrainingAborted",
     "TrainingInterrupted",
     "build_optimizer",
     "build_parser",
@@ -65,6 +74,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 SAVE_EVERY_SEC = 300.0
+# The params.yaml keys this stage reads: dvc.yaml's train params (tests keep them equal).
+PARAMS_KEYS = ("epochs", "batch_size", "lr", "lambda_phi", "seed", "model", "data.seq_len", "train")
 
 
 def train(
@@ -107,8 +118,10 @@ def train(
     if tc.max_steps is not None:
         total_steps = min(total_steps, tc.max_steps)
     outputs = (out_dir, metrics_path, history_path, curves_path)
+    # rank 0 owns the state directory: one trainer at a time on it
+    lock = supervision.state_lock(state_dir) if distributed.env_rank() == 0 else None
 
-    with distributed.process_group(tc.device) as dist:
+    with lock or contextlib.nullcontext(), distributed.process_group(tc.device) as dist:
         # rank 0 owns the files and decides; every process gets its decision and state
         state, fp, fp_inputs = shared_previous_state(
             dist, params, data_dir, state_dir, stale_state, start
@@ -143,8 +156,13 @@ def train(
         try:
             with stop_on_signals() as stop:
                 trainer.fit(stop)
-            if not trainer.finish():
+                # a signal now lets the last validation and save finish; a second aborts
+                on_rank0 = trainer.finish()
+            if not on_rank0:
                 return distributed.broadcast_json(None, dist)
+        except TrainingAborted:
+            trainer.abandon()  # exit now: no waiting for a save in flight
+            raise
         finally:
             trainer.close()
         metrics = export(trainer.loop, trainer.best_dir, *outputs)
@@ -214,27 +232,36 @@ def main(argv: list[str] | None = None) -> int:
         if value is not None
     }
     try:
-        params = load_params(args.params, overrides)
-        nproc = params.train.nproc_per_node
-        if nproc > 1 and not distributed.launched():
-            log.info("train.nproc_per_node=%d: launching %d processes with torchrun", nproc, nproc)
-            distributed.exec_torchrun(nproc, "infinito.train", argv)
-        metrics = train(
-            params,
-            args.data,
-            args.out,
-            args.state,
-            args.metrics,
-            args.history,
-            args.curves,
-            save_every_sec=args.save_every_sec,
-            stale_state=args.stale_state,
-        )
+        # the launcher's death stops the trainer (saving its state); torchrun inherits it
+        with (
+            supervision.stop_when_orphaned(through_launcher=distributed.launched()),
+            stage_params(args.params, PARAMS_KEYS, overrides) as params,
+        ):
+            nproc = params.train.nproc_per_node
+            if nproc > 1 and not distributed.launched():
+                msg = "train.nproc_per_node=%d: launching %d processes with torchrun"
+                log.info(msg, nproc, nproc)
+                distributed.exec_torchrun(nproc, "infinito.train", argv)
+            metrics = train(
+                params,
+                args.data,
+                args.out,
+                args.state,
+                args.metrics,
+                args.history,
+                args.curves,
+                save_every_sec=args.save_every_sec,
+                stale_state=args.stale_state,
+            )
     # Every process raises these alike (rank 0's decisions are shared): rank 0 says it once.
-    except ConfigError as e:
+    except (ConfigError, DiskFull) as e:
         if main_rank:
             print(f"train: error: {e}", file=sys.stderr)
         return 2
+    except TrainingAborted as e:
+        if main_rank:
+            print(f"train: {e}", file=sys.stderr)
+        return 128 + e.signum
     except NonFiniteLoss as e:
         if main_rank:
             print(f"train: error: {e}", file=sys.stderr)

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from infinito import distributed
+from infinito.atomic import remove_own_temporaries
 from infinito.batches import StepLayout, TrainData, load_windows, to_device
 from infinito.checkpoint import AsyncSaver, portable_rng_state, restore_rng_state
 from infinito.config import Params
@@ -118,6 +119,9 @@ class Trainer:
         self.forward: Any = self.plain if mode is None else torch.compile(self.plain, mode=mode)
         self.compiled = mode is not None
         self.saver = AsyncSaver()
+        self.abandoned = False
+        # the step of the last state saved to state_path (a resumed run's starts there)
+        self.saved_step: int | None = None if state is None else self.loop.step
         self.progress = Progress(
             params.epochs,
             data.steps_per_epoch,
@@ -389,13 +393,25 @@ class Trainer:
                 raise NonFiniteLoss(
                     f"non-finite {'loss' if not math.isfinite(total_v) else 'gradient'}"
                     f" at step {step} (epoch {epoch}, batch {batch}): loss={total_v}, "
-                    f"grad norm={gnorm_v}; stopped without saving it; the last good state "
-                    f"is {self.state_path}"
+                    f"grad norm={gnorm_v}; stopped without saving it; {self._what_is_kept()}"
                 )
             stats = dict(zip(self.stat_keys, stat_v, strict=True))
             stats.update(zip(self.write_keys, written, strict=True))
             self.loop.acc.add(ce_v, stats)
         return ce_v, flagged, len(rows)
+
+    def _what_is_kept(self) -> str:
+        """What a stop leaves on disk: the last saved state and best model, or that none is."""
+        if self.dist.is_main:
+            with contextlib.suppress(Exception):  # a save in flight is waited for
+                self.saver.wait()
+        if self.saved_step is None or not self.state_path.exists():
+            kept = "no state was saved yet, so rerunning starts from scratch"
+        else:
+            kept = f"the last saved state is {self.state_path} (step {self.saved_step})"
+        if self.best_dir.exists():
+            kept += f"; the best model so far is in {self.best_dir}"
+        return kept + " (a lower lr or train.grad_clip may avoid the divergence)"
 
     def _stop_together(self) -> None:
         """No process exits while rank 0 still saves."""
@@ -478,6 +494,7 @@ class Trainer:
             self.saver.save(self.snapshot(), self.state_path)
             if sync:
                 self.saver.wait()
+            self.saved_step = self.loop.step  # (an asynchronous save's error surfaces later)
         self.last_save = time.perf_counter()
 
     # ------------------------------------------------------------------ the end
@@ -532,12 +549,21 @@ class Trainer:
         self.saver.wait()
         return True
 
+    def abandon(self) -> None:
+        """An abort (a second signal): the save in flight is not waited for, and its temporary
+        file is removed now (the writer thread ends with the process)."""
+        self.abandoned = True
+        if self.dist.is_main:
+            remove_own_temporaries(self.state_path.parent)
+
     def close(self) -> None:
-        """Always, even after an error: end the progress bar, wait for a save in flight, and
-        let go of DistributedDataParallel while its process group is still alive."""
+        """Always, even after an error: end the progress bar, wait for a save in flight (unless
+        the run was abandoned), and let go of DistributedDataParallel while its process group is
+        still alive."""
         self.progress.end_epoch()
-        with contextlib.suppress(Exception):  # a failing save must not mask the real error
-            self.saver.wait()
+        if not self.abandoned:
+            with contextlib.suppress(Exception):  # a failing save must not mask the real error
+                self.saver.wait()
         # Freed after destroy_process_group, DDP's reducer would drop the last reference to the
         # gloo group while holding the GIL, and the group's destructor joins worker threads that
         # may need the GIL to free a finished broadcast's tensors: a hang at exit.

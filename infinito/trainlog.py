@@ -1,9 +1,10 @@
 """What a training run reports: progress, the per-validation history and curves, train.json.
 
-``Progress`` shows a tqdm bar per epoch on a terminal and otherwise one concise line every
-``train.log_every`` steps. ``write_history`` writes one CSV row per validation (DVC plots read
-it), ``render_curves`` the same as a PNG, ``final_metrics`` the flat numbers of
-``metrics/train.json``; ``export`` writes all of them and the best model once a run is finished.
+``Progress`` shows a tqdm bar per epoch on a terminal that can draw one and otherwise one
+concise line every ``train.log_every`` steps, both with the whole run's ETA. ``write_history``
+writes one CSV row per validation (DVC plots read it), ``render_curves`` the same as a PNG,
+``final_metrics`` the flat numbers of ``metrics/train.json``; ``export`` writes all of them and
+the best model once a run is finished.
 In a run of several processes only rank 0 reports.
 """
 
@@ -14,6 +15,7 @@ import io
 import logging
 import math
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -191,7 +193,9 @@ def export(
 
 
 class Progress:
-    """A tqdm bar per epoch on a terminal; otherwise one line every ``log_every`` steps.
+    """A tqdm bar per epoch on a terminal that can show one; otherwise one line every
+    ``log_every`` steps. Both show the whole run's ETA: the steps left at this session's pace so
+    far (wall time, so validations and saves count too).
 
     ``enabled=False`` (processes other than rank 0) shows nothing.
     """
@@ -210,6 +214,7 @@ class Progress:
         self.epochs, self.spe, self.total = epochs, steps_per_epoch, total_steps
         self.every, self.tokens_per_step = log_every, tokens_per_step
         self.bar: Any = None
+        self.start: tuple[float, int] | None = None  # (clock, step) at this session's first step
 
     def start_epoch(self, epoch: int, pos: int, steps_left: int) -> None:
         if self.tty:
@@ -224,17 +229,33 @@ class Progress:
                 leave=True,
             )
 
+    def run_eta(self, step: int) -> float | None:
+        """Seconds until the run's last step at the pace since this session's first step."""
+        now = time.perf_counter()
+        if self.start is None:
+            self.start = (now, step)
+            return None
+        t0, step0 = self.start
+        if step <= step0:
+            return None
+        return (self.total - step) * (now - t0) / (step - step0)
+
     def step(self, loop: Loop, loss: float, lr: float, steps: int = 1) -> None:
         """``steps`` steps ended at ``loop.step``, the last with training loss ``loss``. The
         trainer reports every ``log_every`` steps at the latest, so no line is skipped."""
         tok_s = loop.timed_tokens / loop.timed_seconds if loop.timed_seconds > 0 else 0.0
+        eta = self.run_eta(loop.step)
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}", refresh=False)
+            self.bar.set_postfix(
+                loss=f"{loss:.4f}",
+                tok_s=f"{tok_s:,.0f}",
+                run_eta="-" if eta is None else _duration(eta),
+                refresh=False,
+            )
             self.bar.update(steps)
         elif self.enabled and loop.step % self.every == 0:
-            eta = (self.total - loop.step) * self.tokens_per_step / tok_s if tok_s else 0.0
             log.info(
-                "epoch %d/%d  step %d/%d  loss %.4f  lr %.2e  %s tok/s  eta %s",
+                "epoch %d/%d  step %d/%d  loss %.4f  lr %.2e  %s tok/s  run eta %s",
                 loop.epoch + 1,
                 self.epochs,
                 loop.step,
@@ -242,7 +263,7 @@ class Progress:
                 loss,
                 lr,
                 f"{tok_s:,.0f}",
-                _duration(eta),
+                "-" if eta is None else _duration(eta),
             )
 
     def message(self, text: str) -> None:

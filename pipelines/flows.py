@@ -6,7 +6,8 @@ network-bound stage) retries.
 
 A run starts from the committed ``params.yaml`` plus the flow's ``overrides`` (dotted keys, as
 ``dvc exp run -S`` takes them), so a scheduled run never inherits what an earlier run left in the
-workspace. With overrides or an ``experiment`` name the run is recorded as a DVC experiment: the
+workspace (uncommitted edits of ``params.yaml`` are refused, never overwritten). With overrides
+or an ``experiment`` name the run is recorded as a DVC experiment: the
 final task is ``dvc exp run -n NAME -S key=value ...``, which finds every stage up to date and
 commits the workspace as that experiment (the same record ``dvc exp run`` makes from a
 terminal; running ``dvc exp run`` per stage instead would clash on the name or force stages to
@@ -41,12 +42,14 @@ from infinito.config import (
     ConfigError,
     Params,
     apply_overrides,
+    diff_keys,
     parse_yaml,
     read_yaml,
 )
 
 # The stages of dvc.yaml in the order the flow runs them.
 STAGES: tuple[str, ...] = (
+    "check-params",
     "download",
     "tokenize",
     "init",
@@ -201,7 +204,10 @@ def check_experiment_name(repo: Path, name: str) -> None:
     name="prepare-params", task_run_name="prepare-params", cache_policy=NONE, persist_result=False
 )
 def prepare_params(repo: Path, overrides: dict[str, Any]) -> list[str]:
-    """Write the committed params.yaml plus ``overrides`` to the workspace; return the -S args."""
+    """Write the committed params.yaml plus ``overrides`` to the workspace; return the -S args.
+
+    Uncommitted edits of params.yaml are refused, never overwritten (``refuse_uncommitted_params``).
+    """
     log = get_run_logger()
     try:
         base_text = _quiet(["git", "show", f"HEAD:{PARAMS_FILE}"], repo)
@@ -212,21 +218,8 @@ def prepare_params(repo: Path, overrides: dict[str, Any]) -> list[str]:
         ) from e
     data = resolve_overrides(base_text, overrides)
     path = repo / PARAMS_FILE
-    current = path.read_text(encoding="utf-8") if path.is_file() else ""
-    if current != base_text:
-        diff = "".join(
-            difflib.unified_diff(
-                base_text.splitlines(keepends=True),
-                current.splitlines(keepends=True),
-                "HEAD:params.yaml",
-                "workspace params.yaml",
-            )
-        )
-        log.warning(
-            "params.yaml had uncommitted changes; this run starts from the committed file plus "
-            "its overrides (commit edits or pass them as overrides). Replaced changes:\n%s",
-            diff,
-        )
+    if refuse_uncommitted_params(repo, base_text):  # an earlier run's overrides: replaced
+        log.info("params.yaml held an earlier flow run's overrides; starting from HEAD's")
         # Written directly (not through atomic.py) to keep the file's mode and inode for git.
         path.write_text(base_text, encoding="utf-8")
     args = override_args(overrides, data)
@@ -237,7 +230,57 @@ def prepare_params(repo: Path, overrides: dict[str, Any]) -> list[str]:
 
         dvc_apply_overrides(str(path), args)
         log.info("params.yaml overrides: %s", " ".join(args))
+    remember_flow_params(repo)
     return args
+
+
+# A copy of the params.yaml the flow last wrote, in DVC's git-ignored scratch directory: the one
+# uncommitted content of params.yaml a later run may replace (its values are that run's record).
+FLOW_PARAMS_COPY = Path(".dvc") / "tmp" / "infinito-flow-params.yaml"
+
+
+def remember_flow_params(repo: Path) -> None:
+    """Keep a copy of the params.yaml this run wrote."""
+    copy = repo / FLOW_PARAMS_COPY
+    copy.parent.mkdir(parents=True, exist_ok=True)
+    copy.write_text((repo / PARAMS_FILE).read_text(encoding="utf-8"), encoding="utf-8")
+
+
+def refuse_uncommitted_params(repo: Path, base_text: str) -> bool:
+    """Refuse to start over uncommitted edits of params.yaml: a user's edit is data.
+
+    Returns False when the workspace file is the committed one, True when it holds what an
+    earlier flow run wrote (its overrides, recorded by that run, which this run may replace);
+    otherwise raises ``PipelineError`` naming the changed keys and the two ways on.
+    """
+    path = repo / PARAMS_FILE
+    current = path.read_text(encoding="utf-8") if path.is_file() else ""
+    if current == base_text:
+        return False
+    try:
+        now = parse_yaml(current, str(path))
+        copy = repo / FLOW_PARAMS_COPY
+        if copy.is_file() and parse_yaml(copy.read_text(encoding="utf-8"), str(copy)) == now:
+            return True
+        changed = diff_keys(parse_yaml(base_text, f"HEAD:{PARAMS_FILE}"), now)
+    except ConfigError:  # not even YAML: the diff below shows it
+        changed = []
+    diff = "".join(
+        difflib.unified_diff(
+            base_text.splitlines(keepends=True),
+            current.splitlines(keepends=True),
+            f"HEAD:{PARAMS_FILE}",
+            f"workspace {PARAMS_FILE}",
+        )
+    )
+    keys = "; ".join(changed[:8]) if changed else "the text, not the values"
+    raise PipelineError(
+        f"{path} has uncommitted changes ({keys}), which this run would replace; the flow runs "
+        "from the committed file plus its overrides. Either commit them (git commit "
+        f"{PARAMS_FILE}) and run again, or pass them as the run's overrides (--set KEY=VALUE, "
+        f"or the overrides parameter) and restore the committed file (git checkout "
+        f"{PARAMS_FILE}; an earlier `dvc exp run`'s params stay in `dvc exp show`).\n{diff}"
+    )
 
 
 # --- stages ---------------------------------------------------------------------------------

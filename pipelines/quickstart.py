@@ -1,4 +1,4 @@
-"""``python -m pipelines.quickstart``: all seven stages on CPU, offline, on the builtin corpus.
+"""``python -m pipelines.quickstart``: the whole pipeline on CPU, offline, on the builtin corpus.
 
 It runs ``dvc exp run --name quickstart -S data.source=builtin -S ...`` (the overrides below) in
 the repository root, then points at the metrics, the samples and the plots. So:
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repo", type=Path, default=Path.cwd(), help="repository root")
     parser.add_argument("--name", default=EXPERIMENT, help="DVC experiment name")
     parser.add_argument(
-        "--target", default=None, help="run only up to this dvc.yaml stage (default: all seven)"
+        "--target", default=None, help="run only up to this dvc.yaml stage (default: all)"
     )
     args = parser.parse_args(argv)
     repo = args.repo.resolve()

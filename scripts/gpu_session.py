@@ -82,6 +82,8 @@ def _stage(module: str, *args: str) -> None:
 
 def prepare(source: Path, dest: Path, tiny: bool) -> dict[str, Any]:
     """The download and tokenize stages on ``source`` into ``dest``/{raw,tokenized}."""
+    from infinito.config import write_params
+
     with tempfile.TemporaryDirectory() as tmp:
         corpus = source
         if tiny:  # the first lines of each split: real text, toy size
@@ -92,7 +94,7 @@ def prepare(source: Path, dest: Path, tiny: bool) -> dict[str, Any]:
                     lines = [next(f) for _ in range(n)]
                 (corpus / name).write_text("".join(lines), encoding="utf-8")
         params = Path(tmp) / "params.yaml"
-        params.write_text(f"data:\n  source: {json.dumps(str(corpus.resolve()))}\n")
+        write_params(params, {"data.source": str(corpus.resolve())}, base=REPO / "params.yaml")
         raw = Path(tmp) / "raw"
         _stage("infinito.data.download", "--params", str(params), "--out", str(raw))
         _stage("infinito.data.tokenize", "--raw", str(raw), "--out", str(dest / "tokenized.new"))

@@ -26,6 +26,27 @@ import pytest
 from infinito import config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _committed_params() -> Path:
+    """params.yaml as committed (``git show HEAD:params.yaml``), in a file of its own.
+
+    Tests never read the workspace's params.yaml: ``make quickstart`` (``dvc exp run -S``) and
+    experiments rewrite it. Outside a git checkout (a source archive) the file itself is used.
+    Commit an edit of params.yaml before testing it.
+    """
+    proc = subprocess.run(
+        ["git", "show", "HEAD:params.yaml"], cwd=REPO_ROOT, capture_output=True, text=True
+    )
+    if proc.returncode != 0:
+        return REPO_ROOT / "params.yaml"
+    path = Path(tempfile.mkdtemp(prefix="infinito-tests-params-")) / "params.yaml"
+    path.write_text(proc.stdout, encoding="utf-8")
+    return path
+
+
+# The committed seed configuration: what every test reads instead of the workspace's file.
+COMMITTED_PARAMS = _committed_params()
 # Real English text kept beside the checkout (../shared), never copied into the repository.
 WIKITEXT_VALID = Path(__file__).resolve().parents[2] / "shared/data/wikitext-2/valid.txt"
 
@@ -54,10 +75,23 @@ def command_env(extra: dict[str, str | None] | None = None) -> dict[str, str]:
     return env
 
 
-def write_params(path: Path, overrides: dict[str, Any] | None = None) -> None:
-    """Write this checkout's params.yaml to ``path`` with dotted-key ``overrides`` applied
-    (comments kept, as ``dvc exp run -S`` keeps them)."""
-    config.write_params(path, overrides, base=REPO_ROOT / "params.yaml")
+def write_params(path: Path, overrides: dict[str, Any] | None = None) -> Path:
+    """Write the committed params.yaml to ``path`` with dotted-key ``overrides`` applied
+    (comments kept, as ``dvc exp run -S`` keeps them); return ``path``."""
+    config.write_params(path, overrides, base=COMMITTED_PARAMS)
+    return path
+
+
+def flatten(nested: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Dotted-key overrides from a nested (partial) params mapping: ``{"model": {"iit": False}}``
+    -> ``{"model.iit": False}``, for ``write_params``."""
+    out: dict[str, Any] = {}
+    for key, value in nested.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def make_dvc_repo(
@@ -378,3 +412,5 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     home = config.stash.get(_PREFECT_HOME, None)
     if home is not None:
         shutil.rmtree(home, ignore_errors=True)
+    if COMMITTED_PARAMS.parent != REPO_ROOT:
+        shutil.rmtree(COMMITTED_PARAMS.parent, ignore_errors=True)

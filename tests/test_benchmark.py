@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import write_params
 
 from infinito.benchmark import (
     METRICS,
@@ -59,7 +60,7 @@ def test_main_rejects_a_grid_that_overflows_the_context(
     ckpt = tmp_path / "ckpt"
     Infinito(ModelConfig(vocab_size=64, d_model=32, n_layer=1, n_head=2, block_size=32)).save(ckpt)
     params = tmp_path / "params.yaml"
-    params.write_text("benchmark:\n  prompt_lengths: [16]\n  new_tokens: 32\n")
+    write_params(params, {"benchmark.prompt_lengths": [16], "benchmark.new_tokens": 32})
     assert main(["--params", str(params), "--model", str(ckpt)]) == 2
     err = capsys.readouterr().err
     assert "benchmark.new_tokens" in err and "model.block_size=32" in err
@@ -126,7 +127,7 @@ def test_ablation_checkpoint_is_compared_with_an_iit_model(tmp_path: Path) -> No
 def test_cli_quick_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _save(tmp_path / "best")
     params = tmp_path / "params.yaml"
-    params.write_text("benchmark:\n  hf_reference: false\n")
+    write_params(params, {"benchmark.hf_reference": False})
     out = tmp_path / "b.json"
     argv = ["--params", str(params), "--model", str(tmp_path / "best"), "--metrics", str(out),
             "--quick"]  # fmt: skip

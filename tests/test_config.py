@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import math
 import re
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from typing import Any
 
 import pytest
 import yaml
+from conftest import COMMITTED_PARAMS
 
 from infinito.config import (
     ConfigError,
@@ -26,7 +28,7 @@ from infinito.config import (
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-PARAMS = REPO_ROOT / "params.yaml"
+PARAMS = COMMITTED_PARAMS  # never the workspace's file, which experiments rewrite
 
 
 def _raw() -> dict[str, Any]:
@@ -290,3 +292,50 @@ def test_params_reference_page_is_complete_and_true() -> None:
             if any(key == p or key.startswith(f"{p}.") for p in stage.get("params", []))
         ]
         assert readers.split(", ") == expected, f"{key}: docs say {readers}, dvc.yaml {expected}"
+
+
+@pytest.mark.parametrize("text", [".inf", "-.inf", ".nan", ".NaN"])
+@pytest.mark.parametrize("key", ["lr", "lambda_phi", "model.dropout", "train.grad_clip"])
+def test_float_params_reject_inf_and_nan(tmp_path: Path, key: str, text: str) -> None:
+    """``dvc exp run -S lr=.inf`` used to train (NaN at step 2): YAML's inf and nan are floats."""
+    path = tmp_path / "params.yaml"
+    write_params(path, {key: text}, base=PARAMS)
+    with pytest.raises(ConfigError, match=rf"{re.escape(key)}=\S+ must be a finite number"):
+        load_params(path)
+
+
+def test_every_float_field_rejects_inf() -> None:
+    """Each float key of every section, through the dataclasses' one type check."""
+    floats = [k for k, v in _leaves(Params().to_dict()).items() if isinstance(v, float)]
+    assert len(floats) > 15
+    for key in floats:
+        with pytest.raises(ConfigError, match=rf"{re.escape(key)}=inf must be a finite"):
+            Params.from_dict(
+                {key.split(".")[0]: {key.split(".")[1]: math.inf}}
+                if "." in key
+                else {key: math.inf}
+            )
+
+
+@pytest.mark.parametrize(
+    ("remove", "message"),
+    [
+        ("  dropout: 0.1", r"lacks model\.dropout \(default 0\.1\)"),
+        ("lr: 2.0e-4", r"lacks lr \(default 0\.0002\)"),
+    ],
+)
+def test_a_key_missing_from_the_file_is_an_error_naming_it(
+    tmp_path: Path, remove: str, message: str
+) -> None:
+    """No silent default: the file (and dvc.lock's record of it) states every value."""
+    lines = PARAMS.read_text().splitlines()
+    kept = [line for line in lines if not line.startswith(remove)]
+    assert len(kept) == len(lines) - 1
+    path = tmp_path / "params.yaml"
+    path.write_text("\n".join(kept) + "\n")
+    with pytest.raises(ConfigError, match=message):
+        load_params(path)
+    section = tmp_path / "no-section.yaml"
+    section.write_text(PARAMS.read_text().split("\nbenchmark:")[0] + "\n")
+    with pytest.raises(ConfigError, match=r"lacks benchmark: give every key"):
+        load_params(section)

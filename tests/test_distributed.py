@@ -22,8 +22,15 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import yaml
-from conftest import command_env, markov_tokens, train_cli_args, train_outputs, write_tokenized
+from conftest import (
+    command_env,
+    flatten,
+    markov_tokens,
+    train_cli_args,
+    train_outputs,
+    write_params,
+    write_tokenized,
+)
 
 from infinito import distributed
 from infinito.batches import epoch_order, step_layout
@@ -73,7 +80,7 @@ def params(overrides: dict[str, Any] | None = None) -> Params:
 def cli(root: Path, data: Path, overrides: dict[str, Any]) -> list[str]:
     """``python -m infinito.train`` for ``root`` with BASE + ``overrides`` in root/params.yaml."""
     root.mkdir(parents=True, exist_ok=True)
-    (root / "params.yaml").write_text(yaml.safe_dump(apply_overrides(BASE, overrides)))
+    write_params(root / "params.yaml", flatten(apply_overrides(BASE, overrides)))
     return [
         sys.executable,
         "-m",

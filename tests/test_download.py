@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import yaml
+from conftest import write_params
 
 from infinito.config import SPLITS, ConfigError, DataConfig
 from infinito.data import DataError
@@ -310,7 +311,7 @@ def test_hub_failure_is_fast_and_clear(
     tmp_path: Path, run_cmd: Any, env: dict[str, str], reason: str
 ) -> None:
     params = tmp_path / "params.yaml"
-    params.write_text("data:\n  source: wikitext-2-raw-v1\n")
+    write_params(params, {"data.source": "wikitext-2-raw-v1"})
     cache = tmp_path / "hf"  # empty: nothing is cached
     env = {
         **env,
@@ -340,14 +341,14 @@ def test_main_reports_bad_source_without_traceback(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     params = tmp_path / "params.yaml"
-    params.write_text(f"data:\n  source: {tmp_path / 'missing'}\n")
+    write_params(params, {"data.source": str(tmp_path / "missing")})
     assert dl.main(["--params", str(params), "--out", str(tmp_path / "raw")]) == 1
     assert "download: error: data.source=" in capsys.readouterr().err
 
 
 def test_main_builtin(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     params = tmp_path / "params.yaml"
-    params.write_text("data:\n  source: builtin\n")
+    write_params(params, {"data.source": "builtin"})
     assert dl.main(["--params", str(params), "--out", str(tmp_path / "raw")]) == 0
     assert "pydoc_data.topics" in capsys.readouterr().out
     assert (tmp_path / "raw" / "manifest.json").is_file()

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from conftest import write_params
 
 from infinito.config import ConfigError, ModelConfig, Params
 from infinito.data.splits import Window, nonoverlapping_windows, sliding_windows
@@ -358,7 +359,7 @@ def test_main_reports_errors_before_work(
 ) -> None:
     data = tokenized_data({"validation": 200, "test": 200})
     params = tmp_path / "params.yaml"
-    params.write_text("data:\n  seq_len: 64\nmodel:\n  block_size: 64\n")
+    write_params(params, {"data.seq_len": 64, "model.block_size": 64})
     tiny_model().save(tmp_path / "best")  # block_size 32
     args = ["--params", str(params), "--data", str(data), "--metrics", str(tmp_path / "e.json")]
     assert main([*args, "--model", str(tmp_path / "nothing")]) == 2

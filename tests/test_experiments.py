@@ -21,6 +21,7 @@ from infinito.config import load_params
 pytestmark = pytest.mark.slow
 
 DOWNSTREAM_OF_TRAIN = ["train", "evaluate", "generate-samples", "benchmark-inference"]
+CHECK = "check-params"  # reads every key, so any params change re-runs it (its output does not)
 QUEUE_TIMEOUT_S = 600
 
 
@@ -47,7 +48,7 @@ def test_repro_of_the_committed_baseline_is_up_to_date(repo: Path, run_cmd: Call
 
 
 def test_exp_run_lr_reruns_train_and_downstream_only(repo: Path, lr_run: str) -> None:
-    assert ran_stages(lr_run) == [*ALWAYS_CHANGED, *DOWNSTREAM_OF_TRAIN]
+    assert ran_stages(lr_run) == [CHECK, *ALWAYS_CHANGED, *DOWNSTREAM_OF_TRAIN]
     assert "Stage 'download' didn't change, skipping" in lr_run
     assert "Stage 'tokenize' didn't change, skipping" in lr_run
     assert "Ran experiment(s): lr-1e-3" in lr_run
@@ -116,9 +117,9 @@ def test_queued_sweep_runs_every_combination(
     for name in sweep:
         assert re.search(rf"{re.escape(name)}\s.*Success", status), status
         log = run_cmd(["dvc", "queue", "logs", name], repo).stdout
-        # Only the stage that reads generate.* re-runs (and init, which always re-checks the
-        # start), even in the queue's clean copies.
-        assert ran_stages(log) == [*ALWAYS_CHANGED, "generate-samples"], log
+        # Only the stage that reads generate.* re-runs (after check-params, and init, which
+        # always re-checks the start), even in the queue's clean copies.
+        assert ran_stages(log) == [CHECK, *ALWAYS_CHANGED, "generate-samples"], log
     shown = json.loads(run_cmd(["dvc", "exp", "show", "--json"], repo).stdout)
     temps = {}
     for exp in shown[1]["experiments"]:

@@ -22,14 +22,15 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
 from conftest import (
     TINY_PIPELINE,
     command_env,
+    flatten,
     markov_tokens,
     stage_paths,
     train_cli_args,
     train_outputs,
+    write_params,
     write_tokenized,
 )
 from tiny_model import populate, randomise
@@ -336,7 +337,7 @@ def test_two_processes_fine_tune_as_one_does(
     root = tmp_path / "two"
     root.mkdir()
     raw = apply_overrides(BASE, {**overrides, "train.nproc_per_node": 2})
-    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    write_params(root / "params.yaml", flatten(raw))
     cmd = [
         sys.executable,
         "-m",
@@ -389,7 +390,7 @@ def test_the_init_stage_writes_the_weights_sha256(gpt2: Path, tmp_path: Path) ->
     import hashlib
 
     params_path = tmp_path / "params.yaml"
-    params_path.write_text(yaml.safe_dump(apply_overrides(BASE, {"train.init_from": str(gpt2)})))
+    write_params(params_path, flatten(apply_overrides(BASE, {"train.init_from": str(gpt2)})))
     out = tmp_path / "metrics" / "init_from.json"
     assert init.main(["--params", str(params_path), "--out", str(out)]) == 0
     manifest = json.loads(out.read_text())
@@ -404,7 +405,7 @@ def test_the_init_stage_writes_the_weights_sha256(gpt2: Path, tmp_path: Path) ->
         },
     }
     scratch = tmp_path / "scratch.yaml"
-    scratch.write_text(yaml.safe_dump(BASE))
+    write_params(scratch, flatten(BASE))
     assert init.main(["--params", str(scratch), "--out", str(out)]) == 0
     assert json.loads(out.read_text()) == {
         "init_from": "scratch",
@@ -525,7 +526,7 @@ def an_empty_folder(d: Path) -> Path:
         ),
         (
             lambda d: with_weights(write_config(d / "odd", {"hidden": 3})),
-            r"odd/config.json is not an INFINITO model config \(unknown key model.hidden",
+            r"odd/config.json is not an INFINITO model config \(.*unknown key model.hidden",
         ),
     ],
 )
@@ -581,7 +582,7 @@ def test_the_init_stage_fails_naming_the_problem(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     params_path = tmp_path / "params.yaml"
-    params_path.write_text(yaml.safe_dump(apply_overrides(BASE, {"train.init_from": "./nope"})))
+    write_params(params_path, flatten(apply_overrides(BASE, {"train.init_from": "./nope"})))
     out = tmp_path / "init_from.json"
     assert init.main(["--params", str(params_path), "--out", str(out)]) == 2
     assert "init: error: train.init_from='./nope': nope does not exist" in capsys.readouterr().err

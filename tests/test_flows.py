@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import yaml
+from conftest import COMMITTED_PARAMS
 from prefect.cache_policies import NONE
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
@@ -70,14 +71,14 @@ def test_override_args_round_trip_through_dvc_set_param(tmp_path: Path) -> None:
         "benchmark.batch_sizes": [1, 2],
         "generate.prompts": ['He said "hi"', "x: y"],
     }
-    base = (REPO_ROOT / "params.yaml").read_text()
+    base = COMMITTED_PARAMS.read_text()
     data = flows.resolve_overrides(base, overrides)
     args = flows.override_args(overrides, data)
     assert args[:3] == ["lr=0.0001", "batch_size=32", "model.iit=false"]
     path = tmp_path / "params.yaml"
     path.write_text(base)
     dvc_apply_overrides(str(path), args)
-    assert load_params(path) == load_params(REPO_ROOT / "params.yaml", overrides)
+    assert load_params(path) == load_params(COMMITTED_PARAMS, overrides)
 
 
 @pytest.mark.parametrize(
@@ -93,7 +94,7 @@ def test_flow_precheck_reads_params_as_the_stages_do(
 ) -> None:
     """The flow's pre-check and the stages share one reader: neither accepts what the other
     refuses."""
-    text = (REPO_ROOT / "params.yaml").read_text()
+    text = COMMITTED_PARAMS.read_text()
     assert old in text
     path = tmp_path / "params.yaml"
     path.write_text(text.replace(old, new, 1))
@@ -120,7 +121,7 @@ def test_flow_precheck_reads_params_as_the_stages_do(
 )
 def test_bad_overrides_name_the_key(overrides: dict[str, Any], match: str) -> None:
     with pytest.raises(ConfigError, match=match):
-        flows.resolve_overrides((REPO_ROOT / "params.yaml").read_text(), overrides)
+        flows.resolve_overrides(COMMITTED_PARAMS.read_text(), overrides)
 
 
 def test_metrics_and_diff_rows_flatten_dvc_json() -> None:
@@ -279,8 +280,16 @@ def test_flow_without_overrides_reruns_the_committed_configuration(
     lock = (repo / "dvc.lock").read_text()
     params = repo / "params.yaml"
     committed = params.read_text()
-    write_params(params, {"lr": 0.5})  # an earlier experiment's params left in the workspace
+    write_params(params, {"lr": 0.5})  # an edit nobody committed: refused, never overwritten
+    edited = params.read_text()
+    refused = infinito_pipeline(repo=str(repo), return_state=True)
+    assert refused.is_failed()
+    with pytest.raises(PipelineError, match=r"uncommitted changes \(lr: 0\.0002 -> 0\.5\)"):
+        refused.result()
+    assert params.read_text() == edited
+    assert _task_runs(refused) == [("prepare-params", "Failed")]
 
+    run_cmd(["git", "checkout", "params.yaml"], repo)
     state = infinito_pipeline(repo=str(repo), return_state=True)
     assert state.is_completed(), state
     assert state.result()["experiment"] is None
@@ -288,6 +297,48 @@ def test_flow_without_overrides_reruns_the_committed_configuration(
     assert (repo / "dvc.lock").read_text() == lock  # every stage was up to date
     assert run_cmd(["dvc", "exp", "list", "--name-only"], repo).stdout.split() == []
     assert [n for n, s in _task_runs(state) if n in STAGES] == list(STAGES)
+
+
+def _committed_repo(tmp_path: Path) -> Path:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "params.yaml").write_text(COMMITTED_PARAMS.read_text())
+    for args in (["init", "-q"], ["add", "params.yaml"]):
+        subprocess.run(["git", *args], cwd=repo, check=True)
+    subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "p"],
+        cwd=repo,
+        check=True,
+    )
+    return repo
+
+
+def test_uncommitted_params_are_refused_naming_the_change_and_the_ways_on(
+    tmp_path: Path,
+) -> None:
+    repo = _committed_repo(tmp_path)
+    base = COMMITTED_PARAMS.read_text()
+    assert flows.refuse_uncommitted_params(repo, base) is False  # clean: nothing to replace
+    write_params(repo / "params.yaml", {"lr": 0.5, "model.iit": False})
+    edited = (repo / "params.yaml").read_text()
+    with pytest.raises(PipelineError) as refused:
+        flows.refuse_uncommitted_params(repo, base)
+    message = str(refused.value)
+    assert "uncommitted changes (lr: 0.0002 -> 0.5; model.iit: True -> False)" in message
+    assert "git commit params.yaml" in message and "--set KEY=VALUE" in message
+    assert "-lr: 2.0e-4" in message and "+lr: 0.5" in message  # the diff itself
+    assert (repo / "params.yaml").read_text() == edited  # never rewritten
+
+
+def test_an_earlier_flow_run_s_overrides_may_be_replaced(tmp_path: Path) -> None:
+    repo = _committed_repo(tmp_path)
+    base = COMMITTED_PARAMS.read_text()
+    write_params(repo / "params.yaml", {"evaluate.sliding_stride": 8})  # as a run left it
+    flows.remember_flow_params(repo)
+    assert flows.refuse_uncommitted_params(repo, base) is True
+    write_params(repo / "params.yaml", {"seed": 3})  # then a user edits it: that is data
+    with pytest.raises(PipelineError, match=r"seed: 42 -> 3"):
+        flows.refuse_uncommitted_params(repo, base)
 
 
 @pytest.mark.slow

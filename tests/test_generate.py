@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_params
 
 from infinito.config import ConfigError, GenerateConfig, ModelConfig
 from infinito.data.splits import check_vocab
@@ -142,7 +143,7 @@ def test_main_reports_bad_input_without_traceback(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     params = tmp_path / "params.yaml"
-    params.write_text("seed: 1\n")
+    write_params(params, {"seed": 1})
     rc = main(["--params", str(params), "--model", str(tmp_path / "nope"), "--top-k", "-2"])
     assert rc == 2
     assert "generate.top_k" in capsys.readouterr().err
@@ -229,7 +230,7 @@ def test_stage_counts_end_of_text(tmp_path: Path) -> None:
 def test_cli_prints_to_the_terminal(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _save_tiny(tmp_path / "best")
     params = tmp_path / "params.yaml"
-    params.write_text("seed: 1\n")
+    write_params(params, {"seed": 1})
     argv = ["--params", str(params), "--checkpoint", str(tmp_path / "best"), "--prompt",
             "Artificial intelligence is", "--length", "5", "--greedy"]  # fmt: skip
     assert main(argv) == 0

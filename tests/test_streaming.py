@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
-from conftest import command_env, markov_tokens
+from conftest import command_env, flatten, markov_tokens, write_params
 
 from infinito.data import tokenize as tk
 
@@ -126,7 +125,7 @@ def test_training_reads_a_large_train_split_without_loading_it(tmp_path: Path) -
         "model": {"vocab_size": 64, "d_model": 32, "n_layer": 1, "n_head": 2, "block_size": 256},
         "train": {"max_steps": 2, "warmup_steps": 1, "device": "cpu", "compile": False},
     }
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    write_params(tmp_path / "params.yaml", flatten(params))
     peaks = {}
     for label, n in (("small", 1_000_000), ("large", 100_000_000)):
         data = _tokenized(tmp_path / label, n)

@@ -15,10 +15,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import conftest
 import numpy as np
 import pytest
 import torch
-import yaml
 from conftest import train_cli_args, train_outputs
 
 from infinito import trainer as trainer_mod
@@ -138,8 +138,7 @@ def tiny(overrides: dict[str, Any] | None = None) -> Params:
 
 
 def write_params(path: Path, overrides: dict[str, Any] | None = None) -> Path:
-    path.write_text(yaml.safe_dump(apply_overrides(TINY, overrides or {})))
-    return path
+    return conftest.write_params(path, conftest.flatten(apply_overrides(TINY, overrides or {})))
 
 
 def run(params: Params, data: Path, root: Path, **kwargs: Any) -> dict[str, Any]:

@@ -44,11 +44,13 @@ from pathlib import Path
 from typing import IO, Any
 
 from infinito import hub
-from infinito.atomic import atomic_dir, write_json
-from infinito.config import SPLITS, WIKITEXT_SOURCES, ConfigError, DataConfig, load_params
+from infinito.atomic import DiskFull, atomic_dir, write_json
+from infinito.config import SPLITS, WIKITEXT_SOURCES, ConfigError, DataConfig, stage_params
 from infinito.data import DataError
 
 BUILTIN = "builtin"
+# The params.yaml keys this stage reads: dvc.yaml's download params (tests keep them equal).
+PARAMS_KEYS = ("data.source", "data.split_fractions")
 HUB_DATASET = "Salesforce/wikitext"
 LOCAL_SPLIT_FILES = {
     "train": ("train.txt", "wiki.train.tokens", "wiki.train.raw"),
@@ -418,11 +420,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="output directory (data/raw)")
     args = parser.parse_args(argv)
     try:
-        params = load_params(args.params)
-        manifest = download(params.data, args.out)
+        with stage_params(args.params, PARAMS_KEYS) as params:
+            manifest = download(params.data, args.out)
     except (ConfigError, DataError) as e:
         print(f"download: error: {e}", file=sys.stderr)
         return 1
+    except DiskFull as e:
+        print(f"download: error: {e}", file=sys.stderr)
+        return 2
     print(f"download: {manifest['origin']}")
     if manifest["dataset"]:
         print(f"  dataset: {manifest['dataset']} (every split's SHA-256 matches)")

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 from transformers import GPT2TokenizerFast
 
-from infinito.atomic import atomic_dir, write_json
+from infinito.atomic import DiskFull, atomic_dir, write_json
 from infinito.config import SPLITS
 from infinito.data import DataError, documents_file
 
@@ -277,6 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as e:
         print(f"tokenize: error: {e}", file=sys.stderr)
         return 1
+    except DiskFull as e:
+        print(f"tokenize: error: {e}", file=sys.stderr)
+        return 2
     for split, s in meta["splits"].items():
         print(
             f"tokenize: {split:<10} {s['tokens']:>11} tokens {s['bytes']:>12} bytes "
