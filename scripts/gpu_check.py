@@ -27,7 +27,6 @@ rewritten after each phase, so a run cut short still leaves what it measured.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import platform
@@ -45,6 +44,7 @@ from infinito.data.splits import read_meta
 from infinito.model import Infinito
 from infinito.runtime import resolve_device, resolve_dtype
 from infinito.train import peak_flops, train
+from infinito.trainlog import read_series
 
 SEED_RUN = {"epochs": 20, "batch_size": 16, "lr": 2e-4, "lambda_phi": 0.1, "seed": 42}
 GOAL_TRAIN_TOKENS = 2_390_000  # WikiText-2's train split in GPT-2 tokens
@@ -113,22 +113,20 @@ def measure(params: Params, data: Path, device: torch.device) -> dict[str, Any]:
             root / "best",
             root / "state",
             root / "train.json",
-            root / "history.csv",
-            None,
+            root / "live",
             save_every_sec=1e9,
         )
         wall = time.perf_counter() - t0
-        with (root / "history.csv").open() as f:
-            rows = list(csv.DictReader(f))
+        series = read_series(root / "live")  # the run's DVCLive series
     dtype = resolve_dtype(params.train.precision, device)
     seq_len, batch = params.data.seq_len, params.batch_size
-    steady = float(rows[-1]["tokens_per_sec"])  # steps after the half-way validation
+    steady = series["tokens_per_sec"][-1][1]  # steps after the half-way validation
     with torch.device("meta"):
         flops_per_token = Infinito(params.model).flops_per_token(seq_len)
     peak = peak_flops(device, dtype)
     # eval_time_sec: one pass per history row plus the final train-subset pass, each the size
     # of the validation split
-    val_pass = m["eval_time_sec"] / (len(rows) + 1)
+    val_pass = m["eval_time_sec"] / (len(series["val_loss"]) + 1)
     return {
         "steps": m["steps"],
         "compiled": m["compiled"],
@@ -143,8 +141,8 @@ def measure(params: Params, data: Path, device: torch.device) -> dict[str, Any]:
         "peak_memory_gib": (
             torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
         ),
-        "val_loss_start": float(rows[0]["val_loss"]),
-        "val_loss_end": float(rows[-1]["val_loss"]),
+        "val_loss_start": series["val_loss"][0][1],
+        "val_loss_end": series["val_loss"][-1][1],
         "wall_sec": wall,
     }
 

@@ -27,6 +27,7 @@ from scipy import stats
 
 from infinito.atomic import write_json, write_text
 from infinito.config import write_params
+from infinito.trainlog import read_series
 
 METRICS = (
     "validation_ppl",
@@ -69,10 +70,8 @@ def one(params: Path, data: Path, work: Path, iit: bool, seed: int) -> dict[str,
                 str(d / "state"),
                 "--metrics",
                 str(d / "train.json"),
-                "--history",
-                str(d / "history.csv"),
-                "--curves",
-                str(d / "curves.png"),
+                "--live",
+                str(d / "live"),
             ]
         )
         run(
@@ -123,9 +122,8 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def plot(histories: dict[str, Path], out: Path) -> None:
-    """Validation perplexity and training loss per epoch of each run, one PNG."""
-    import csv
-
+    """Validation perplexity and training loss per epoch of each run (their DVCLive
+    directories), one PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -133,12 +131,12 @@ def plot(histories: dict[str, Path], out: Path) -> None:
 
     fig, (ax_val, ax_train) = plt.subplots(1, 2, figsize=(10, 4))
     for name, path in histories.items():
-        with path.open() as f:
-            rows = list(csv.DictReader(f))
-        epochs = [int(r["epoch"]) for r in rows]
+        series = read_series(path)
+        epoch = dict(series["epoch"])  # step -> epoch
         style = "-" if name.startswith("iit") else "--"
-        ax_val.plot(epochs, [float(r["val_ppl"]) for r in rows], style, marker="o", label=name)
-        ax_train.plot(epochs, [float(r["train_loss"]) for r in rows], style, marker="o", label=name)
+        for ax, key in ((ax_val, "val_ppl"), (ax_train, "train_loss")):
+            points = [(epoch[step], value) for step, value in series[key]]
+            ax.plot(*zip(*points, strict=True), style, marker="o", label=name)
     ax_val.set(xlabel="epoch", ylabel="validation perplexity", yscale="log")
     ax_train.set(xlabel="epoch", ylabel="training loss (mean over the epoch)")
     for ax in (ax_val, ax_train):
@@ -159,8 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--plot-only",
         nargs="+",
-        metavar="NAME=HISTORY_CSV",
-        help="only draw the given history files (e.g. copied back from a GPU machine)",
+        metavar="NAME=LIVE_DIR",
+        help="only draw the given runs' DVCLive directories (e.g. copied back from a GPU machine)",
     )
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--budget-sec", type=float, default=1e9, help="start no new run after this")
@@ -183,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
             report = {"runs": runs, "summary": summarise(runs)}
             write_json(args.out, report)
     if args.plot:
-        plot({r["name"]: args.work / r["name"] / "history.csv" for r in runs}, args.plot)
+        plot({r["name"]: args.work / r["name"] / "live" for r in runs}, args.plot)
     print(json.dumps(summarise(runs), indent=2))
     return 0
 
