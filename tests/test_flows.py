@@ -336,7 +336,8 @@ def test_flow_runs_an_experiment_and_publishes_metrics(
     diff = {r["metric"]: r for r in result["diff"]}
     assert diff["validation_sliding_ppl"]["baseline"] != diff["validation_sliding_ppl"]["run"]
     assert "validation_ppl" not in diff  # the non-overlapping protocol did not change
-    assert {r["file"] for r in result["metrics"]} == {"metrics/train.json", "metrics/eval.json"}
+    files = {"metrics/train.json", "dvclive/metrics.json", "metrics/eval.json"}
+    assert {r["file"] for r in result["metrics"]} == files
 
     arts = _artifacts(state)
     assert list(arts)[:4] == [ARTIFACT_HEADLINE, ARTIFACT_METRICS, ARTIFACT_DIFF, ARTIFACT_SUMMARY]
