@@ -102,10 +102,10 @@ def test_quickstart_in_a_fresh_clone(tmp_path: Path, run_cmd: Callable) -> None:
     # both sides.
     diff = json.loads(run_cmd(["dvc", "metrics", "diff", "--all", "--json"], clone).stdout)
     for file in pointers["metrics"]:
-        assert diff[file], file
-        for key, value in diff[file].items():
+        numbers = {k: v for k, v in diff[file].items() if isinstance(v["new"], int | float)}
+        assert numbers, file
+        for key, value in numbers.items():  # device names and such are strings
             assert isinstance(value["old"], int | float), (file, key, value)
-            assert isinstance(value["new"], int | float), (file, key, value)
     shown = run_cmd(["dvc", "metrics", "diff"], clone).stdout
     assert "test_ppl" in shown or "wall_time_sec" in shown  # numbers that differ are listed
 
