@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 	$(BIN)/pip install --quiet -c requirements.lock -e '.[dev]'
 	touch $@
 
-$(PLOTS_PAGE): plots/package.json plots/package-lock.json plots/page.html scripts/offline_plots.py | $(VENV)/.installed
+$(PLOTS_PAGE): web/package.json web/package-lock.json web/plots_page.html scripts/offline_plots.py | $(VENV)/.installed
 	$(BIN)/python scripts/offline_plots.py
 
 quickstart: setup

@@ -1,8 +1,8 @@
 """Make ``dvc plots show`` / ``dvc plots diff`` pages render offline (``make setup`` runs this).
 
 DVC's default page loads Vega, Vega-Lite and Vega-Embed from a CDN, so offline it draws nothing.
-This installs the three packages from npm at the versions ``plots/package-lock.json`` pins (into
-``build/dvc_plots/node_modules``, git-ignored), writes ``plots/page.html`` with their scripts
+This installs the three packages from npm at the versions ``web/package-lock.json`` pins (into
+``build/dvc_plots/node_modules``, git-ignored), writes ``web/plots_page.html`` with their scripts
 inline to ``build/dvc_plots/page.html`` and points DVC's ``plots.html_template`` at it in the
 checkout's ``.dvc/config.local`` (this machine's DVC config, never committed). Every page DVC
 writes then carries its scripts and opens anywhere, from any folder, with no network.
@@ -25,7 +25,7 @@ from pathlib import Path
 from infinito.atomic import write_text
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SOURCES = REPO_ROOT / "plots"  # package.json, package-lock.json, page.html
+SOURCES = REPO_ROOT / "web"  # package.json, package-lock.json, plots_page.html
 BUILD = REPO_ROOT / "build" / "dvc_plots"
 PAGE = BUILD / "page.html"
 MARKER = "<!-- VEGA SCRIPTS"
@@ -42,7 +42,7 @@ class SetupError(RuntimeError):
 
 
 def install(build: Path = BUILD) -> Path:
-    """``npm ci`` of plots/package-lock.json into ``build``; returns its node_modules."""
+    """``npm ci`` of web/package-lock.json into ``build``; returns its node_modules."""
     npm = shutil.which("npm")
     if npm is None:
         raise SetupError("npm not found")
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         node_modules = install()
-        write_text(PAGE, page_html((SOURCES / "page.html").read_text("utf-8"), node_modules))
+        write_text(PAGE, page_html((SOURCES / "plots_page.html").read_text("utf-8"), node_modules))
     except SetupError as e:
         print(f"offline plots: {e}; `dvc plots show` keeps DVC's CDN page", file=sys.stderr)
         return 0
