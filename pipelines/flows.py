@@ -157,7 +157,9 @@ class Overrides(BaseModel):
     values are validated with the stages' own rules (``infinito.config``) before anything runs.
     """
 
-    model_config = ConfigDict(populate_by_name=True, protected_namespaces=(), extra="forbid")
+    # extra="allow" only so the JSON schema (which the server checks runs against) accepts a flat
+    # mapping; _flat_keys moves every key without a field into ``extra`` before validation.
+    model_config = ConfigDict(populate_by_name=True, protected_namespaces=(), extra="allow")
 
     lr: float | None = Field(None, title="lr", description="peak learning rate")
     batch_size: int | None = Field(
