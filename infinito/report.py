@@ -3,9 +3,11 @@
 Reads ``dvc exp show --json`` (or a saved copy of it), builds one row per baseline commit and
 experiment with its key params and metrics (pandas), and writes the table as markdown and CSV.
 Runs whose params are identical except for ``seed`` form a group; for each group of two or more
-the report gives mean ± sample standard deviation of every key metric. Groups that differ only in
-``model.iit`` (the IIT model against its ablation, same everything else) are compared with
-Welch's t-test (scipy), seed by seed as independent samples.
+seeds the report gives mean ± sample standard deviation of every key metric. Groups that differ
+only in ``model.iit`` (the IIT model against its ablation, same everything else) are compared
+with Welch's t-test (scipy), seed by seed as independent samples. A group counts one run per
+distinct seed: runs whose full params (seed included) equal an earlier run's are the same
+configuration run again, so they are left out of the statistics and named as duplicates.
 
     infinito report                      # experiments of the current commit
     infinito report --all-commits --out reports/experiments --metric test_ppl
@@ -70,6 +72,8 @@ class Report:
     groups: pd.DataFrame
     tests: pd.DataFrame
     skipped: list[str] = field(default_factory=list)
+    # runs left out of the statistics: experiment -> the earlier run with the same full params
+    duplicates: dict[str, str] = field(default_factory=dict)
 
 
 # --- reading dvc exp show --json ------------------------------------------------------------
@@ -217,9 +221,10 @@ def build_report(
         key_params = [p for p in KEY_PARAMS if p in all_params]
         key_params += [p for p in varying if p not in key_params]
 
-    groups = seed_groups(df, all_params, key_metrics)
-    tests = iit_tests(df, all_params, key_metrics)
-    return Report(df, key_params, key_metrics, groups, tests, skipped)
+    unique, duplicates = drop_duplicate_runs(df, all_params)
+    groups = seed_groups(unique, all_params, key_metrics)
+    tests = iit_tests(unique, all_params, key_metrics)
+    return Report(df, key_params, key_metrics, groups, tests, skipped, duplicates)
 
 
 # --- statistics -----------------------------------------------------------------------------
@@ -243,8 +248,31 @@ def _describe(row: pd.Series, varying: set[str], exclude: Iterable[str]) -> str:
     return ", ".join(f"{p}={_plain(row.get(f'param:{p}'))}" for p in shown if p not in skip)
 
 
+def drop_duplicate_runs(
+    df: pd.DataFrame, all_params: list[str]
+) -> tuple[pd.DataFrame, dict[str, str]]:
+    """The earliest run of each distinct full params (seed included), and every later one by
+    name with the run it repeats."""
+    keys = df.apply(lambda r: _group_key(r, all_params), axis=1)
+    first: dict[str, str] = {}
+    duplicates: dict[str, str] = {}
+    dropped = []
+    order = df["created"].astype(str).sort_values(kind="stable").index  # oldest first
+    for i in order:
+        name = df.at[i, "experiment"]
+        if keys[i] in first:
+            duplicates[name] = first[keys[i]]
+            dropped.append(i)
+        else:
+            first[keys[i]] = name
+    return df.drop(index=dropped), duplicates
+
+
 def seed_groups(df: pd.DataFrame, all_params: list[str], metrics: list[str]) -> pd.DataFrame:
-    """Mean ± std per key metric over runs whose params differ only in the seed (n >= 2)."""
+    """Mean ± std per key metric over runs whose params differ only in the seed (n >= 2).
+
+    ``df`` holds one run per distinct full params (``drop_duplicate_runs``), so n counts seeds.
+    """
     others = [p for p in all_params if p != SEED_PARAM]
     varying = {p for p in others if df[f"param:{p}"].astype(str).nunique(dropna=False) > 1}
     rows = []
@@ -343,6 +371,13 @@ def render_markdown(report: Report) -> str:
     if report.skipped:
         parts += [
             f"Skipped (no metrics: queued, running or failed): {', '.join(report.skipped)}",
+            "",
+        ]
+    if report.duplicates:
+        same = ", ".join(f"{dup} (= {orig})" for dup, orig in report.duplicates.items())
+        parts += [
+            "Duplicates left out of the statistics (the same params, seed included, as an "
+            f"earlier run): {same}",
             "",
         ]
     parts += ["## Seed groups (params identical except the seed)", ""]

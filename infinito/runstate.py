@@ -2,9 +2,10 @@
 
 ``Loop`` is everything about the run's position other than tensors (epoch, optimizer steps, the
 epoch's window order and the position in it counted in global batches, best-so-far, early-stopping
-counters, history). It depends on no process count, so a state saved by one process resumes on
-several and the other way round. The state file records a fingerprint of the params that shape
-the run and of the data; ``previous_state`` refuses (or, told to, discards) a state from others.
+counters, history, the step-level loss series). It depends on no process count, so a state saved
+by one process resumes on several and the other way round. The state file records a fingerprint
+of the params that shape the run and of the data; ``previous_state`` refuses (or, told to,
+discards) a state from others.
 """
 
 from __future__ import annotations
@@ -89,7 +90,9 @@ class Loop:
     bad_epochs: int = 0
     early_stopped: bool = False
     complete: bool = False
-    history: list[dict[str, Any]] = field(default_factory=list)
+    history: list[dict[str, Any]] = field(default_factory=list)  # one row per validation
+    # the training loss of every train.log_every-th step: {"step": n, "train_loss_step": loss}
+    step_log: list[dict[str, Any]] = field(default_factory=list)
     acc: Accumulator = field(default_factory=Accumulator)
     tokens_trained: int = 0
     timed_tokens: int = 0  # excludes the first step of each session (compilation, warm-up)

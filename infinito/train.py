@@ -1,7 +1,7 @@
 """train stage: train INFINITO on the tokenized corpus, keep the best model and a resumable state.
 
-``python -m infinito.train --data DIR --out DIR --state DIR --metrics JSON --history CSV
---curves PNG`` (dvc.yaml's train command gives the paths) reads ``epochs``, ``batch_size``,
+``python -m infinito.train --data DIR --out DIR --state DIR --metrics JSON --live DIR``
+(dvc.yaml's train command gives the paths) reads ``epochs``, ``batch_size``,
 ``lr``, ``lambda_phi``, ``seed`` and the ``model``, ``data.seq_len`` and ``train`` sections of
 ``params.yaml``; options such as ``--epochs 20 --batch-size 16 --lr 2e-4 --lambda-phi 0.1``
 override them outside DVC.
@@ -14,7 +14,7 @@ docs/training.md and docs/scaling.md describe the whole stage; its parts live be
 - ``optim.py``: AdamW (decay on matrices only) and the warmup + cosine/plateau/constant schedule;
 - ``runstate.py``: the resumable state (bit-for-bit on CPU with one process; any number of
   processes resumes it), its fingerprint, SIGINT/SIGTERM as a flag checked at step boundaries;
-- ``trainlog.py``: progress, the per-validation history and curves, ``metrics/train.json``;
+- ``trainlog.py``: progress, the DVCLive series (``--live``), ``metrics/train.json``;
 - ``distributed.py``: torchrun (``train.nproc_per_node > 1`` re-executes this module under it),
   DistributedDataParallel, the gathered memory writes; rank 0 alone validates and writes files.
 
@@ -54,7 +54,7 @@ from infinito.runstate import (
     stop_on_signals,
 )
 from infinito.trainer import NonFiniteLoss, Trainer, TrainingInterrupted
-from infinito.trainlog import export, peak_flops
+from infinito.trainlog import LiveLog, export, peak_flops
 
 # Re-exported: the stage's public names (tests, scripts/gpu_check.py) import them from here.
 __all__ = [
@@ -84,14 +84,14 @@ def train(
     out_dir: Path,
     state_dir: Path,
     metrics_path: Path,
-    history_path: Path,
-    curves_path: Path | None = None,
+    live_dir: Path | None = None,
     *,
     save_every_sec: float = SAVE_EVERY_SEC,
     stale_state: str = "error",
 ) -> dict[str, Any]:
     """Train (or resume, or recognise as finished) and write all outputs; return the metrics.
 
+    ``live_dir`` receives the DVCLive record (series, metrics.json, params.yaml; None: none).
     Runs in each process of a torchrun launch as well (every process returns the metrics).
     Raises ``ConfigError`` on bad input before any work, ``TrainingInterrupted`` after saving the
     state on SIGINT/SIGTERM, ``NonFiniteLoss`` (state of the last save kept) on NaN/inf.
@@ -117,7 +117,7 @@ def train(
     total_steps = params.epochs * data.steps_per_epoch
     if tc.max_steps is not None:
         total_steps = min(total_steps, tc.max_steps)
-    outputs = (out_dir, metrics_path, history_path, curves_path)
+    outputs = (out_dir, metrics_path)
     # rank 0 owns the state directory: one trainer at a time on it
     lock = supervision.state_lock(state_dir) if distributed.env_rank() == 0 else None
 
@@ -126,6 +126,7 @@ def train(
         state, fp, fp_inputs = shared_previous_state(
             dist, params, data_dir, state_dir, stale_state, start
         )
+        live = LiveLog(live_dir, params) if dist.is_main and live_dir is not None else None
         if state is not None and state["loop"]["complete"]:
             done = Loop.from_dict(state["loop"])
             if not dist.is_main:
@@ -137,6 +138,9 @@ def train(
                 state_dir / STATE_FILE,
                 state_dir,
             )
+            if live is not None:
+                live.replay(done)
+                live.end()
             return export(done, state_dir / "best", *outputs)
 
         trainer = Trainer(
@@ -151,6 +155,7 @@ def train(
             save_every_sec,
             started,
             start,
+            live,
         )
         del state  # restored into the trainer; the copy would only hold memory
         try:
@@ -181,8 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("--out", "where the best model is written"),
         ("--state", "resumable state directory (state.pt and best/)"),
         ("--metrics", "train.json: the run's flat metrics"),
-        ("--history", "CSV of one row per validation"),
-        ("--curves", "PNG of the training curves"),
+        ("--live", "DVCLive directory: the series, metrics.json, params.yaml"),
     ):
         paths.add_argument(flag, type=Path, required=True, help=help_)
     parser.add_argument(
@@ -248,8 +252,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.out,
                 args.state,
                 args.metrics,
-                args.history,
-                args.curves,
+                args.live,
                 save_every_sec=args.save_every_sec,
                 stale_state=args.stale_state,
             )

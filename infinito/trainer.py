@@ -12,8 +12,8 @@ drives it; each method below is one part of the loop and reads top to bottom:
 - ``optimizer_step``: the micro-batches' forward and backward passes, clipping, the update and
   the memory write;
 - ``flush``: one host read of the pending steps' numbers, which raises on NaN/inf;
-- ``validate`` and ``record``: rank 0 scores the validation split; best model, plateau schedule
-  and early stopping;
+- ``validate`` and ``record``: rank 0 scores the validation split; the history row (logged to
+  DVCLive), best model, plateau schedule and early stopping;
 - ``save``: the resumable state, written in the background; ``check_stop``: after SIGINT or
   SIGTERM, a save and ``TrainingInterrupted``;
 - ``finish``: the last validation, the final train-prefix score and ``metrics/train.json``'s
@@ -47,7 +47,14 @@ from infinito.optim import build_optimizer, build_schedulers
 from infinito.runstate import STATE_FILE, Accumulator, Loop, restore, snapshot
 from infinito.runtime import autocast, compile_mode, resolve_dtype, seed_everything
 from infinito.scoring import Score, preserved_state, score
-from infinito.trainlog import Progress, final_metrics, history_row, log_parameters
+from infinito.trainlog import (
+    STEP_LOSS,
+    LiveLog,
+    Progress,
+    final_metrics,
+    history_row,
+    log_parameters,
+)
 
 # The train stage's log: one logger for all its lines, wherever the code lives.
 log = logging.getLogger("infinito.train")
@@ -84,9 +91,10 @@ class Trainer:
         save_every_sec: float,
         started: float,
         init: InitSource,
+        live: LiveLog | None = None,
     ) -> None:
         """Build the session from ``init``'s weights; ``state`` (None: a fresh run) is restored
-        into it."""
+        into it, and its saved history into ``live`` (rank 0's DVCLive record, None elsewhere)."""
         self.init = init
         self.params, self.tc, self.data, self.dist = params, params.train, data, dist
         self.layout, self.total_steps, self.fingerprint = layout, total_steps, fingerprint
@@ -109,6 +117,9 @@ class Trainer:
         self.scheduler, self.plateau = build_schedulers(self.optimizer, params, total_steps)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
         self.loop = self._start_or_resume(state)
+        self.live = live
+        if live is not None:
+            live.replay(self.loop)
         if dist.rank > 0:  # the model is initialised alike everywhere; dropout and noise differ
             torch.manual_seed(distributed.rank_seed(params.seed, dist.rank, self.loop.step))
         if dist.is_main:
@@ -398,7 +409,14 @@ class Trainer:
             stats = dict(zip(self.stat_keys, stat_v, strict=True))
             stats.update(zip(self.write_keys, written, strict=True))
             self.loop.acc.add(ce_v, stats)
+            if step % self.tc.log_every == 0 or step == 1:  # from the initial loss on
+                self._log_step_loss({"step": step, STEP_LOSS: ce_v})
         return ce_v, flagged, len(rows)
+
+    def _log_step_loss(self, row: dict[str, Any]) -> None:
+        self.loop.step_log.append(row)
+        if self.live is not None:
+            self.live.step_loss(row)
 
     def _what_is_kept(self) -> str:
         """What a stop leaves on disk: the last saved state and best model, or that none is."""
@@ -452,9 +470,11 @@ class Trainer:
         loop, tc = self.loop, self.tc
         lr = self.optimizer.param_groups[0]["lr"]
         row = history_row(loop, lr, self.data.steps_per_epoch, val)
-        train_loss = row["train_loss"]
+        train_loss = row.get("train_loss")
         loop.history.append(row)
         loop.acc = Accumulator()
+        if self.live is not None:
+            self.live.validation(row)
         msg = (
             f"epoch {row['epoch']:g} step {loop.step}: train loss "
             f"{'-' if train_loss is None else f'{train_loss:.4f}'}  val loss {val.loss:.4f}  "
@@ -557,10 +577,12 @@ class Trainer:
             remove_own_temporaries(self.state_path.parent)
 
     def close(self) -> None:
-        """Always, even after an error: end the progress bar, wait for a save in flight (unless
-        the run was abandoned), and let go of DistributedDataParallel while its process group is
-        still alive."""
+        """Always, even after an error: end the progress bar and the DVCLive record, wait for a
+        save in flight (unless the run was abandoned), and let go of DistributedDataParallel
+        while its process group is still alive."""
         self.progress.end_epoch()
+        if self.live is not None:
+            self.live.end()
         if not self.abandoned:
             with contextlib.suppress(Exception):  # a failing save must not mask the real error
                 self.saver.wait()

@@ -1,19 +1,18 @@
-"""What a training run reports: progress, the per-validation history and curves, train.json.
+"""What a training run reports: progress, its DVCLive series, train.json.
 
 ``Progress`` shows a tqdm bar per epoch on a terminal that can draw one and otherwise one
-concise line every ``train.log_every`` steps, both with the whole run's ETA. ``write_history``
-writes one CSV row per validation (DVC plots read it), ``render_curves`` the same as a PNG,
-``final_metrics`` the flat numbers of ``metrics/train.json``; ``export`` writes all of them and
-the best model once a run is finished.
-In a run of several processes only rank 0 reports.
+concise line every ``train.log_every`` steps, both with the whole run's ETA. ``history_row`` is
+one validation's row of the run's history (kept in the resumable state); ``LiveLog`` logs every
+row, and the training loss every ``log_every`` steps, with DVCLive while the run trains (``dvc
+plots show`` draws them, docs/training.md); ``final_metrics`` are the flat numbers of
+``metrics/train.json``, which ``export`` writes with the best model once a run is finished. In a
+run of several processes only rank 0 reports.
 """
 
 from __future__ import annotations
 
 import csv
-import io
 import logging
-import math
 import shutil
 import time
 from pathlib import Path
@@ -21,9 +20,8 @@ from typing import Any
 
 import torch
 
-from infinito.atomic import atomic_dir, atomic_open, write_json
+from infinito.atomic import atomic_dir, write_json
 from infinito.config import Params
-from infinito.iit import WRITE_STATS
 from infinito.runstate import Loop
 from infinito.runtime import is_tty
 from infinito.scoring import Score, perplexity
@@ -40,19 +38,11 @@ PEAK_BF16_FLOPS = (
     ("H200", 989.4e12),
     ("A100", 312.0e12),
 )
-IIT_COLUMNS = (
-    "phi_mean",
-    "phi_temporal_coherence",
-    "phi_integration",
-    "phi_complexity",
-    "phi_attention_diversity",
-    "threshold",
-    "delta_phi",
-    "aux_loss",
-    "memory_utilisation",
-    *WRITE_STATS,
-)
-HISTORY_COLUMNS = (
+# The history row's own columns; every other key of a row is one of the model's stats (PHI and
+# its components, threshold, Delta-Phi, memory numbers ...: whatever the model reports, so new
+# statistics flow through to DVCLive and train.json without a list to update). The ablation
+# reports none, so its rows, series and train.json have no IIT key at all.
+BASE_COLUMNS = (
     "epoch",
     "step",
     "lr",
@@ -60,9 +50,13 @@ HISTORY_COLUMNS = (
     "train_ppl",
     "val_loss",
     "val_ppl",
-    *IIT_COLUMNS,
     "tokens_per_sec",
 )
+# DVCLive series of one step's training loss (cross-entropy, training mode) at the first and
+# every train.log_every-th optimizer step: the curve between validations.
+STEP_LOSS = "train_loss_step"
+# Where DVCLive keeps its series, under the run's DVCLive directory (DVCLive's own layout).
+SERIES_DIR = Path("plots") / "metrics"
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
@@ -74,10 +68,14 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
 
 
 def history_row(loop: Loop, lr: float, steps_per_epoch: int, val: Score) -> dict[str, Any]:
-    """The history row of a validation: the training means since the previous row and ``val``."""
+    """The history row of a validation: the training means since the previous row and ``val``.
+
+    Numbers a period does not have (a training loss when no step ran since the previous row) are
+    left out, never written as zero.
+    """
     acc = loop.acc
     train_loss = acc.loss_sum / acc.steps if acc.steps else None
-    return {
+    row: dict[str, Any] = {
         "epoch": round(loop.step / steps_per_epoch, 4),
         "step": loop.step,
         "lr": lr,
@@ -85,110 +83,109 @@ def history_row(loop: Loop, lr: float, steps_per_epoch: int, val: Score) -> dict
         "train_ppl": perplexity(train_loss) if train_loss is not None else None,
         "val_loss": val.loss,
         "val_ppl": val.ppl,
-        **{k: v for k, v in acc.means().items() if k in IIT_COLUMNS},
         "tokens_per_sec": acc.tokens / acc.seconds if acc.seconds > 0 else None,
+        **acc.means(),  # each over the steps that measured it (a write's, a step's)
+    }
+    return {k: v for k, v in row.items() if v is not None}
+
+
+def stat_keys(row: dict[str, Any]) -> list[str]:
+    """The model statistics in a history row (every key but the row's own columns)."""
+    return [k for k in row if k not in BASE_COLUMNS]
+
+
+def train_stage_params(params: Params) -> dict[str, Any]:
+    """The params the train stage reads (dvc.yaml's train ``params``), as DVCLive logs them."""
+    return {
+        "epochs": params.epochs,
+        "batch_size": params.batch_size,
+        "lr": params.lr,
+        "lambda_phi": params.lambda_phi,
+        "seed": params.seed,
+        "model": params.model.to_dict(),
+        "data": {"seq_len": params.data.seq_len},
+        "train": params.train.to_dict(),
     }
 
 
-def _fmt(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return str(int(value)) if value.is_integer() and abs(value) < 1e15 else f"{value:.6g}"
-    return str(value)
+class LiveLog:
+    """The run's DVCLive record: one series per history column plus the step-level loss.
+
+    DVCLive (``dvclive.Live``) writes ``DIR/plots/metrics/NAME.tsv`` (one row per logged step)
+    and ``DIR/metrics.json`` (the latest value of each series and the step) at every validation,
+    so ``dvc plots show``, ``dvc exp show`` and the VS Code extension follow a run while it
+    trains, and ``DIR/params.yaml`` with the params it trains with. The x axis is the optimizer
+    step. Inside ``dvc exp run`` DVC itself records the experiment: ``save_dvc_exp=False``, and
+    ``dvcyaml=False`` because the project's dvc.yaml declares these files as the train stage's
+    outputs (DVCLive writing its own dvc.yaml would change the pipeline during the run).
+
+    The trainer's resumable state is the source of truth: the directory is always opened fresh
+    (DVCLive's own ``resume=True`` would keep the steps logged after the last saved state and
+    then log them again) and ``replay`` rewrites the saved history into it, so after a resume,
+    even from ``kill -9``, each step is in each series once. Only rank 0 keeps one.
+    """
+
+    def __init__(self, live_dir: Path, params: Params) -> None:
+        from dvclive import Live
+
+        self.dir = Path(live_dir)
+        self.live = Live(
+            dir=str(self.dir), resume=False, save_dvc_exp=False, dvcyaml=False, report=None
+        )
+        self.live.log_params(train_stage_params(params))
+        self.ended = False
+
+    def _log(self, step: int, values: dict[str, Any]) -> None:
+        self.live.step = step
+        for name, value in values.items():
+            if name != "step" and isinstance(value, int | float) and not isinstance(value, bool):
+                self.live.log_metric(name, value)
+
+    def replay(self, loop: Loop) -> None:
+        """Write the saved state's series (an empty state writes nothing)."""
+        for row in loop.step_log:
+            self._log(row["step"], row)
+        for row in loop.history:
+            self._log(row["step"], row)
+        if loop.step_log or loop.history:
+            self.live.step = max(r["step"] for r in (*loop.step_log, *loop.history))
+            self.live.sync()
+
+    def step_loss(self, row: dict[str, Any]) -> None:
+        """One step-level row (``step`` and ``train_loss_step``); written, not yet summarised."""
+        self._log(row["step"], row)
+
+    def validation(self, row: dict[str, Any]) -> None:
+        """A history row: every number in it, then DVCLive's step (metrics.json, VS Code)."""
+        self._log(row["step"], row)
+        self.live.next_step()
+
+    def end(self) -> None:
+        """DVCLive's end of the run (summary and dvc.yaml-free bookkeeping); once."""
+        if not self.ended:
+            self.ended = True
+            self.live.end()
 
 
-def write_history(path: Path, history: list[dict[str, Any]]) -> None:
-    """One CSV row per validation; IIT cells are empty for the ablation."""
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(HISTORY_COLUMNS)
-    for row in history:
-        writer.writerow([_fmt(row.get(c)) for c in HISTORY_COLUMNS])
-    with atomic_open(path, "w", encoding="utf-8") as f:
-        f.write(buf.getvalue())
+def read_series(live_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every DVCLive series under ``live_dir``: name -> [(step, value), ...] in file order."""
+    out: dict[str, list[tuple[int, float]]] = {}
+    root = Path(live_dir) / SERIES_DIR
+    for path in sorted(root.rglob("*.tsv")):
+        name = path.relative_to(root).with_suffix("").as_posix()
+        with path.open(encoding="utf-8", newline="") as f:
+            rows = list(csv.DictReader(f, delimiter="\t"))
+        out[name] = [(int(r["step"]), float(r[path.stem])) for r in rows]
+    return out
 
 
-def render_curves(path: Path, history: list[dict[str, Any]]) -> None:
-    """A PNG of the training curves (loss, perplexity, lr, PHI, memory, throughput)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    def col(name: str) -> list[float]:
-        return [math.nan if r.get(name) is None else float(r[name]) for r in history]
-
-    x = col("epoch")
-    panels: list[tuple[str, list[str], bool]] = [
-        ("loss (nats/token)", ["train_loss", "val_loss"], False),
-        ("perplexity", ["train_ppl", "val_ppl"], True),
-        ("learning rate", ["lr"], False),
-        ("tokens/s", ["tokens_per_sec"], False),
-    ]
-    if any(r.get("phi_mean") is not None for r in history):
-        panels += [
-            ("PHI", ["phi_mean", "threshold"], False),
-            (
-                "PHI components",
-                [c for c in IIT_COLUMNS if c.startswith("phi_") and c != "phi_mean"],
-                False,
-            ),
-            ("Delta-Phi and aux loss", ["delta_phi", "aux_loss"], False),
-            ("memory utilisation", ["memory_utilisation"], False),
-        ]
-    if any(r.get("memory_accepted_fraction") is not None for r in history):
-        panels += [
-            (
-                "memory writes (fraction of candidates)",
-                ["memory_accepted_fraction", "memory_written_fraction"],
-                False,
-            ),
-            ("evicted slot age (writes)", ["memory_evicted_age"], False),
-            (
-                "candidate PHI",
-                ["memory_accepted_phi_p50", "memory_rejected_phi_p50", "threshold"],
-                False,
-            ),
-        ]
-    cols = 4 if len(panels) > 4 else 2
-    rows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
-    for ax, (title, names, logy) in zip(axes.flat[: len(panels)], panels, strict=True):
-        for name in names:
-            ax.plot(x, col(name), marker="o", markersize=3, label=name)
-        ax.set_title(title)
-        ax.set_xlabel("epoch")
-        if logy:
-            ax.set_yscale("log")
-        if len(names) > 1:
-            ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(panels) :]:
-        ax.axis("off")
-    fig.tight_layout()
-    with atomic_open(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=100)
-    plt.close(fig)
-
-
-def export(
-    loop: Loop,
-    best_dir: Path,
-    out_dir: Path,
-    metrics_path: Path,
-    history_path: Path,
-    curves_path: Path | None,
-) -> dict[str, Any]:
-    """Write the run's outputs from the finished state: best model, metrics, history, curves."""
+def export(loop: Loop, best_dir: Path, out_dir: Path, metrics_path: Path) -> dict[str, Any]:
+    """Write the run's outputs from the finished state: the best model and train.json."""
     with atomic_dir(out_dir) as tmp:
         for f in best_dir.iterdir():
             shutil.copy2(f, tmp / f.name)
     assert loop.final_metrics is not None
     write_json(metrics_path, loop.final_metrics)
-    write_history(history_path, loop.history)
-    if curves_path is not None:
-        render_curves(curves_path, loop.history)
     return loop.final_metrics
 
 
@@ -334,9 +331,9 @@ def final_metrics(
         m["mfu"] = tok_s * model.flops_per_token(params.data.seq_len) / (peak * world)
     if device.type == "cuda":
         m["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-    # iit_*: the threshold, phi weights and memory as training left them; the other IIT columns
+    # iit_*: the threshold, phi weights and memory as training left them; the other model stats
     # as the training means of the last history row
     now = {**model.memory_stats(), **model.iit_stats()}
-    m.update({f"iit_{k}": last[k] for k in IIT_COLUMNS if last.get(k) is not None and k not in now})
+    m.update({f"iit_{k}": last[k] for k in stat_keys(last) if k not in now})
     m.update({f"iit_{k}": v for k, v in now.items()})
     return m

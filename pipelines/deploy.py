@@ -5,14 +5,18 @@ Two deployments of the ``infinito-pipeline`` flow (pipelines/flows.py):
 * ``infinito-pipeline/seed`` on the ``gpu`` work pool (a process pool: the worker on the GPU
   machine runs the flow in its own checkout and virtualenv). It runs the committed seed
   configuration on a cron schedule, which users edit or pause in the UI; redeploying keeps an
-  edited schedule unless ``--cron`` is given. Runs started from the UI may pass ``overrides``
-  (``{"lr": 1e-4, "model.iit": false}``) and an ``experiment`` name.
+  edited schedule unless ``--cron`` is given. Runs started from the UI fill in ``overrides``
+  (a form: lr, batch_size, epochs, lambda_phi, seed, model.iit, data.source, extra) and may
+  name the ``experiment``.
 * ``infinito-pipeline/quickstart-cpu`` on the ``cpu`` pool: the quickstart's small configuration,
   CPU only, unscheduled; each run is recorded as a DVC experiment.
 
 The deployments name the flow by module (``pipelines.flows:infinito_pipeline``), so a worker
 imports it from the virtualenv it runs in: start each worker from its machine's checkout
 (``.venv/bin/prefect worker start --pool gpu``). Missing process pools are created.
+
+``prefect.yaml`` declares the same two deployments for ``prefect deploy --all``
+(tests/test_flows.py keeps it equal to ``deployment_specs``).
 
 Usage: ``PREFECT_API_URL=http://127.0.0.1:4200/api python -m pipelines.deploy [--cron ...]``
 """
@@ -31,7 +35,7 @@ from prefect.exceptions import ObjectNotFound
 from prefect.schedules import Cron
 from prefect.settings import PREFECT_API_URL
 
-from pipelines.flows import infinito_pipeline
+from pipelines.flows import Overrides, infinito_pipeline
 from pipelines.quickstart import QUICKSTART_OVERRIDES
 
 GPU_POOL = "gpu"
@@ -61,6 +65,36 @@ def ensure_process_pool(name: str) -> bool:
             "--type process)"
         )
     return False
+
+
+def deployment_specs(
+    gpu_pool: str = GPU_POOL, cpu_pool: str = CPU_POOL
+) -> dict[str, dict[str, Any]]:
+    """The two deployments by name: work pool, parameters, description, tags (the schedule is
+    the seed's ``DEFAULT_CRON``); prefect.yaml says the same."""
+    return {
+        SEED_DEPLOYMENT: {
+            "work_pool": gpu_pool,
+            "parameters": {},
+            "description": (
+                "The seed configuration (committed params.yaml) through every DVC stage. "
+                "Fill in overrides (lr, model.iit, ...; any other key in extra) and an "
+                "experiment name to record a DVC experiment."
+            ),
+            "tags": ["infinito", "gpu"],
+        },
+        QUICKSTART_DEPLOYMENT: {
+            "work_pool": cpu_pool,
+            # in the form's shape: the common keys as fields, the rest in extra
+            "parameters": {
+                "overrides": Overrides.of(QUICKSTART_OVERRIDES).model_dump(
+                    by_alias=True, exclude_none=True
+                )
+            },
+            "description": "The quickstart: a small INFINITO on the builtin corpus, CPU only.",
+            "tags": ["infinito", "cpu", "quickstart"],
+        },
+    }
 
 
 def _deployment_exists(full_name: str) -> bool:
@@ -100,28 +134,26 @@ def deploy(
     # deployment concurrency limit: workers on several machines may each run the seed; one
     # checkout runs one flow at a time through the worker's own --limit 1.
     common: dict[str, Any] = {"entrypoint_type": EntrypointType.MODULE_PATH}
+    specs = deployment_specs(gpu_pool, cpu_pool)
+    seed_spec, quick_spec = specs[SEED_DEPLOYMENT], specs[QUICKSTART_DEPLOYMENT]
     seed = infinito_pipeline.to_deployment(
         name=SEED_DEPLOYMENT,
-        work_pool_name=gpu_pool,
+        work_pool_name=seed_spec["work_pool"],
         # No schedules given on an update keeps the deployment's own (as edited in the UI).
         schedules=None
         if keep_schedule
         else [Cron(cron or DEFAULT_CRON, timezone=timezone, slug=SCHEDULE_SLUG)],
-        parameters={},
-        description=(
-            "The seed configuration (committed params.yaml) through all seven DVC stages. "
-            'Pass overrides such as {"lr": 0.0001, "model.iit": false} and an experiment name '
-            "to record a DVC experiment."
-        ),
-        tags=["infinito", "gpu"],
+        parameters=seed_spec["parameters"],
+        description=seed_spec["description"],
+        tags=seed_spec["tags"],
         **common,
     )
     quickstart = infinito_pipeline.to_deployment(
         name=QUICKSTART_DEPLOYMENT,
-        work_pool_name=cpu_pool,
-        parameters={"overrides": dict(QUICKSTART_OVERRIDES)},
-        description="The quickstart: a small INFINITO on the builtin corpus, CPU only.",
-        tags=["infinito", "cpu", "quickstart"],
+        work_pool_name=quick_spec["work_pool"],
+        parameters=quick_spec["parameters"],
+        description=quick_spec["description"],
+        tags=quick_spec["tags"],
         **common,
     )
     ids = {

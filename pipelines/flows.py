@@ -36,6 +36,8 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
+from prefect.runtime import flow_run as current_run
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from infinito.config import (
     PARAMS_FILE,
@@ -61,6 +63,7 @@ STAGES: tuple[str, ...] = (
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DOWNLOAD_RETRIES = 2
 DOWNLOAD_RETRY_DELAYS_S = [30, 120]
+ARTIFACT_HEADLINE = "infinito-headline"
 ARTIFACT_METRICS = "infinito-metrics"
 ARTIFACT_DIFF = "infinito-metrics-diff"
 ARTIFACT_SUMMARY = "infinito-run-summary"
@@ -149,6 +152,77 @@ def dvc_json(repo: Path, *args: str) -> Any:
 # --- parameters -----------------------------------------------------------------------------
 
 
+class Overrides(BaseModel):
+    """A run's ``params.yaml`` overrides, as ``dvc exp run -S`` takes them: the common keys as
+    typed fields (the Prefect UI shows them as a form), any other dotted key in ``extra``.
+
+    Empty fields keep the committed value. A flat mapping of dotted keys (``{"lr": 1e-4,
+    "train.max_steps": 100}``) is accepted too: the keys without a field go to ``extra``. The
+    values are validated with the stages' own rules (``infinito.config``) before anything runs.
+    """
+
+    # extra="allow" only so the JSON schema (which the server checks runs against) accepts a flat
+    # mapping; _flat_keys moves every key without a field into ``extra`` before validation.
+    model_config = ConfigDict(populate_by_name=True, protected_namespaces=(), extra="allow")
+
+    lr: float | None = Field(None, title="lr", description="peak learning rate")
+    batch_size: int | None = Field(
+        None, title="batch_size", description="sequences per optimizer step"
+    )
+    epochs: int | None = Field(None, title="epochs", description="passes over the training split")
+    lambda_phi: float | None = Field(
+        None, title="lambda_phi", description="weight of the Delta-Phi loss; 0: none"
+    )
+    seed: int | None = Field(
+        None, title="seed", description="initialisation, data order, noise, sampling"
+    )
+    model_iit: bool | None = Field(
+        None, alias="model.iit", title="model.iit", description="false: the ablation (no IIT parts)"
+    )
+    data_source: str | None = Field(
+        None,
+        alias="data.source",
+        title="data.source",
+        description="builtin, wikitext-2-raw-v1, wikitext-2-v1, wikitext-103-raw-v1, "
+        "wikitext-103-v1 or a local path",
+    )
+    extra: dict[str, Any] = Field(
+        default_factory=dict,
+        title="other keys",
+        description='any other params.yaml key by dotted name, e.g. {"train.max_steps": 1000}',
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flat_keys(cls, data: Any) -> Any:
+        """Move the dotted keys that have no field into ``extra``."""
+        if not isinstance(data, dict):
+            return data
+        dotted = {n: f.alias or n for n, f in cls.model_fields.items() if n != "extra"}
+        names = {*dotted, *dotted.values()}  # python names and dotted keys
+        known = {k: v for k, v in data.items() if k in names}
+        extra = dict(data.get("extra") or {})
+        extra.update({k: v for k, v in data.items() if k not in names and k != "extra"})
+        given = {dotted.get(k, k) for k in known}
+        clash = sorted(given & set(extra))
+        if clash:
+            raise ValueError(f"{clash[0]} is given twice (as a field and in extra)")
+        return {**known, "extra": extra}
+
+    def dotted(self) -> dict[str, Any]:
+        """The overrides as {dotted key: value}, fields first, unset fields left out."""
+        out = {
+            (field.alias or name): getattr(self, name)
+            for name, field in type(self).model_fields.items()
+            if name != "extra" and getattr(self, name) is not None
+        }
+        return {**out, **self.extra}
+
+    @classmethod
+    def of(cls, value: Overrides | dict[str, Any] | None) -> Overrides:
+        return value if isinstance(value, cls) else cls.model_validate(value or {})
+
+
 def override_args(overrides: dict[str, Any], params: dict[str, Any]) -> list[str]:
     """``dvc exp run -S`` arguments for ``overrides``, encoding the values validated in ``params``.
 
@@ -198,6 +272,33 @@ def check_experiment_name(repo: Path, name: str) -> None:
             f"experiment {name!r} already exists for this commit; choose another name or remove "
             f"it with: dvc exp remove {name}"
         )
+
+
+def new_experiment_name(repo: Path) -> str:
+    """A free DVC experiment name for ``repo``'s HEAD, as ``dvc exp run`` would pick one."""
+    from dvc.repo.experiments.utils import gen_random_name, get_random_exp_name
+    from dvc.scm import SCM
+
+    try:
+        scm = SCM(str(repo))
+        return get_random_exp_name(scm, scm.get_rev())
+    except Exception:  # no git repository yet: the flow reports that itself
+        return gen_random_name()
+
+
+def run_name() -> str:
+    """The flow run's name: the DVC experiment the run records (``experiment``, or a new name
+    for a run with overrides), or ``repro-<HEAD>`` for a plain repro of the committed params."""
+    params = current_run.get_parameters()
+    if params.get("experiment"):
+        return str(params["experiment"])
+    repo = Path(params["repo"]).resolve() if params.get("repo") else REPO_ROOT
+    if Overrides.of(params.get("overrides")).dotted():
+        return new_experiment_name(repo)
+    head = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True
+    ).stdout.strip()
+    return f"repro-{head or 'uncommitted'}"
 
 
 @task(
@@ -313,15 +414,13 @@ STAGE_TASKS: dict[str, Any] = {stage: _stage_task(stage) for stage in STAGES}
     cache_policy=NONE,
     persist_result=False,
 )
-def record_experiment(repo: Path, name: str | None, set_args: list[str]) -> str:
+def record_experiment(repo: Path, name: str, set_args: list[str]) -> str:
     """Commit the finished workspace as a DVC experiment with ``dvc exp run -n NAME -S ...``.
 
     Every stage is already up to date (init, always_changed, re-runs and finds its manifest
     unchanged), so DVC only records; returns the experiment's name.
     """
-    args = ["exp", "run"]
-    if name:
-        args += ["-n", name]
+    args = ["exp", "run", "-n", name]
     for s in set_args:
         args += ["-S", s]
     out = dvc(repo, *args)
@@ -335,12 +434,7 @@ def record_experiment(repo: Path, name: str | None, set_args: list[str]) -> str:
     if reran:
         # The stages ran moments ago with these params, so this points at a changed dependency.
         get_run_logger().warning("dvc exp run re-ran stages while recording: %s", reran)
-    if name:
-        return name
-    for line in out.splitlines():
-        if line.startswith("Ran experiment(s):"):
-            return line.split(":", 1)[1].strip()
-    raise PipelineError(f"could not find the experiment name in dvc's output:\n{out}")
+    return name
 
 
 # --- metrics artifacts ----------------------------------------------------------------------
@@ -394,14 +488,66 @@ def diff_rows(diff: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def _fmt(value: Any) -> str:
+# The headline artifact's numbers: (stage, metric key, label); the file is the stage's metrics
+# file that holds the key (dvc.yaml declares them).
+HEADLINE: tuple[tuple[str, str, str], ...] = (
+    ("evaluate", "validation_ppl", "validation perplexity"),
+    ("evaluate", "test_ppl", "test perplexity"),
+    ("evaluate", "test_bits_per_byte", "test bits per byte"),
+    ("evaluate", "test_memory_contribution_ppl", "memory contribution (test ppl, no reads - with)"),
+    ("train", "tokens_per_sec", "training tokens/s"),
+)
+
+
+def sig4(value: Any) -> Any:
+    """A number rounded to 4 significant digits (other values as they are)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return value
+    if isinstance(value, float) and not math.isfinite(value):
+        return value
+    return float(f"{value:.4g}") if isinstance(value, float) else value
+
+
+def _fmt(value: Any, sign: bool = False) -> str:
+    """4 significant digits, without an exponent for large numbers."""
     if value is None:
         return "-"
-    if isinstance(value, float):
-        if math.isnan(value) or math.isinf(value):
-            return str(value)
-        return f"{value:.6g}"
-    return str(value)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return str(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    r = float(f"{value:.4g}")
+    text = f"{r:,.0f}" if abs(r) >= 1e4 else f"{r:.4g}"
+    return f"+{text}" if sign and r > 0 else text
+
+
+def rounded(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: sig4(v) for k, v in row.items()} for row in rows]
+
+
+def headline_markdown(
+    title: str, baseline: str, diff: list[dict[str, Any]], stage_files: dict[str, list[str]]
+) -> str:
+    """The short artifact: the headline numbers of this run against the baseline."""
+    by_key = {(r["file"], r["metric"]): r for r in diff}
+    lines = [
+        f"# {title}",
+        "",
+        f"| | this run | baseline (`{baseline}`) | change |",
+        "|---|---|---|---|",
+    ]
+    for stage, key, label in HEADLINE:
+        found = [by_key[(f, key)] for f in stage_files.get(stage, []) if (f, key) in by_key]
+        row = found[0] if found else None
+        if row is None:
+            continue  # e.g. no test split evaluated
+        change = row.get("change")
+        if change is None and row["run"] is not None and row["baseline"] is not None:
+            change = row["run"] - row["baseline"]
+        lines.append(
+            f"| {label} | {_fmt(row['run'])} | {_fmt(row['baseline'])} | {_fmt(change, True)} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def summary_markdown(
@@ -439,23 +585,31 @@ def stage_metric_files(repo: Path, stages: Sequence[str]) -> list[str]:
     name="publish-metrics", task_run_name="publish-metrics", cache_policy=NONE, persist_result=False
 )
 def publish_metrics(repo: Path, title: str, set_args: list[str], baseline: str) -> dict[str, Any]:
-    """Publish the metrics of the stages run so far and their diff against ``baseline``.
+    """Publish the headline numbers, the metrics and their diff against ``baseline``.
 
     Only the files of train and evaluate: the later stages' files still hold an earlier run's
-    numbers at this point.
+    numbers at this point. The headline artifact comes first (the UI lists artifacts in order);
+    numbers are rounded to 4 significant digits.
     """
-    files = stage_metric_files(repo, STAGES[: STAGES.index("evaluate") + 1])
+    stage_files = {s: stage_metric_files(repo, [s]) for s in STAGES[: STAGES.index("evaluate") + 1]}
+    files = [f for fs in stage_files.values() for f in fs]
     if not files:
         raise PipelineError("dvc.yaml declares no metrics for the train and evaluate stages")
     rows = metrics_rows(dvc_json(repo, "metrics", "show", *files))
     if not rows:
         raise PipelineError(f"dvc metrics show found none of {files} in {repo} after evaluation")
-    diff = diff_rows(dvc_json(repo, "metrics", "diff", baseline, "--targets", *files))
-    create_table_artifact(
-        rows, key=ARTIFACT_METRICS, description=f"{title}: metrics (dvc metrics show)"
+    every = diff_rows(dvc_json(repo, "metrics", "diff", baseline, "--all", "--targets", *files))
+    diff = [r for r in every if r["baseline"] != r["run"]]
+    create_markdown_artifact(
+        headline_markdown(title, baseline, every, stage_files),
+        key=ARTIFACT_HEADLINE,
+        description=f"{title}: headline numbers against {baseline}",
     )
     create_table_artifact(
-        diff or [{"file": "-", "metric": "-", "baseline": None, "run": None, "change": None}],
+        rounded(rows), key=ARTIFACT_METRICS, description=f"{title}: metrics (dvc metrics show)"
+    )
+    create_table_artifact(
+        rounded(diff) or [dict.fromkeys(("file", "metric", "baseline", "run", "change"), "-")],
         key=ARTIFACT_DIFF,
         description=f"{title}: dvc metrics diff {baseline}",
     )
@@ -470,17 +624,21 @@ def publish_metrics(repo: Path, title: str, set_args: list[str], baseline: str) 
 # --- the flow -------------------------------------------------------------------------------
 
 
-@flow(name="infinito-pipeline", persist_result=False)
+@flow(name="infinito-pipeline", flow_run_name=run_name, persist_result=False)
 def infinito_pipeline(
-    overrides: dict[str, Any] | None = None,
+    overrides: Overrides | None = None,
     experiment: str | None = None,
     baseline: str = "HEAD",
     repo: str | None = None,
 ) -> dict[str, Any]:
     """Run the DVC stages in order; record a DVC experiment when given overrides or a name.
 
+    The flow run is named after the experiment it records (a new DVC-style name when only
+    overrides are given), so Prefect's runs and ``dvc exp show`` use the same names.
+
     Args:
-        overrides: params.yaml overrides by dotted key, e.g. ``{"lr": 1e-4, "model.iit": false}``.
+        overrides: params.yaml overrides: lr, batch_size, epochs, lambda_phi, seed, model.iit,
+            data.source, and any other dotted key in ``extra`` (``{"train.max_steps": 100}``).
         experiment: name for the recorded DVC experiment (``dvc exp run -n``).
         baseline: git revision the metrics are diffed against.
         repo: the DVC repository to run in; default, the checkout holding this file.
@@ -488,19 +646,22 @@ def infinito_pipeline(
     root = Path(repo).resolve() if repo else REPO_ROOT
     if not (root / "dvc.yaml").is_file():
         raise PipelineError(f"{root} has no dvc.yaml; pass repo=<path to an INFINITO checkout>")
-    overrides = dict(overrides or {})
-    as_experiment = bool(overrides) or experiment is not None
-    if experiment is not None:
-        check_experiment_name(root, experiment)
-    title = f"experiment {experiment}" if experiment else ("experiment" if overrides else "repro")
+    dotted = Overrides.of(overrides).dotted()
+    name: str | None = None
+    if dotted or experiment is not None:
+        # the run's own name (run_name) unless the flow runs without Prefect (.fn)
+        name = experiment or current_run.get_name() or new_experiment_name(root)
+        check_experiment_name(root, name)
+    title = f"experiment {name}" if name else "repro"
 
-    set_args = prepare_params(root, overrides)
+    set_args = prepare_params(root, dotted)
     published: dict[str, Any] = {}
     for stage in STAGES:
         STAGE_TASKS[stage](stage, root)
         if stage == "evaluate":
             published = publish_metrics(root, title, set_args, baseline)
-    name = record_experiment(root, experiment, set_args) if as_experiment else None
+    if name is not None:
+        record_experiment(root, name, set_args)
     get_run_logger().info(
         "pipeline finished%s; compare with: dvc metrics diff %s",
         f" as experiment {name}" if name else "",
@@ -528,7 +689,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repo", default=None, help="DVC repository (default: this checkout)")
     args = parser.parse_args(argv)
     infinito_pipeline(
-        overrides=_parse_set(args.set),
+        overrides=Overrides.of(_parse_set(args.set)),
         experiment=args.name,
         baseline=args.baseline,
         repo=args.repo,

@@ -128,7 +128,8 @@ def summary(repo: Path, name: str, seconds: float) -> str:
         "",
         f"metrics:  {' '.join(existing['metrics'])}   (all of them: dvc metrics show)",
         f"samples:  {' '.join(existing['samples'])}",
-        f"plots:    {' '.join(existing['plots'])}   (interactive: dvc plots show)",
+        f"plots:    {' '.join(existing['plots'])}   (drawn: dvc plots show)",
+        "compare:  dvc metrics diff   (against the committed baseline: docs/experiments.md)",
         "",
         "params.yaml now holds the quickstart's overrides (git diff params.yaml); "
         "git checkout params.yaml returns to the seed configuration.",

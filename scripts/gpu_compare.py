@@ -25,7 +25,6 @@ comparison resumes.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import shutil
@@ -39,6 +38,7 @@ from typing import Any
 
 from infinito.atomic import write_json
 from infinito.config import parse_yaml, read_yaml, write_params
+from infinito.trainlog import read_series
 
 METRICS = (
     "validation_ppl",
@@ -101,8 +101,8 @@ def one(
         run(
             [py, "-m", "infinito.train", "--params", str(run_params), "--data", str(data)]
             + ["--out", str(d / "best"), "--state", str(d / "state")]
-            + ["--metrics", str(d / "train.json"), "--history", str(d / "history.csv")]
-            + ["--curves", str(d / "curves.png"), "--stale-state", "discard"],
+            + ["--metrics", str(d / "train.json"), "--live", str(d / "live")]
+            + ["--stale-state", "discard"],
             deadline,
         )
         shutil.rmtree(d / "state", ignore_errors=True)  # the resumable state: about 1 GB
@@ -161,12 +161,14 @@ def memory_writes(model_dir: Path, data: Path, params_path: Path) -> dict[str, f
     return out
 
 
-def read_history(path: Path) -> list[dict[str, float | None]]:
-    with path.open() as f:
-        return [
-            {k: (float(v) if v not in ("", None) else None) for k, v in row.items()}
-            for row in csv.DictReader(f)
-        ]
+def read_history(live_dir: Path) -> list[dict[str, float | None]]:
+    """A run's validation rows (epoch, step, losses, perplexity) from its DVCLive series."""
+    series = {k: dict(v) for k, v in read_series(live_dir).items()}
+    keys = ("train_loss", "val_loss", "val_ppl")
+    return [
+        {"epoch": epoch, "step": step, **{k: series.get(k, {}).get(step) for k in keys}}
+        for step, epoch in sorted(series["epoch"].items())
+    ]
 
 
 def stop_reason(
@@ -208,7 +210,7 @@ def entry(d: Path, name: str, iit: bool, seed: int) -> dict[str, Any]:
         if (d / extra_file).exists():
             with (d / extra_file).open() as f:
                 extra |= json.load(f)
-    history = read_history(d / "history.csv")
+    history = read_history(d / "live")
     cuda = torch.cuda.is_available()
     return {
         "name": name,
@@ -251,7 +253,8 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def plot(histories: dict[str, Path], out: Path) -> None:
-    """Validation perplexity and training loss per epoch of each run, one PNG."""
+    """Validation perplexity and training loss per epoch of each run (their DVCLive
+    directories), one PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -323,7 +326,7 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
     report["total_sec"] = time.monotonic() - start
     write_json(args.out, report)
     if args.plot and report["runs"]:
-        plot({r["name"]: args.work / r["name"] / "history.csv" for r in report["runs"]}, args.plot)
+        plot({r["name"]: args.work / r["name"] / "live" for r in report["runs"]}, args.plot)
     return report
 
 
@@ -338,8 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--plot-only",
         nargs="+",
-        metavar="NAME=HISTORY_CSV",
-        help="only draw the given history files (e.g. copied back from a GPU machine)",
+        metavar="NAME=LIVE_DIR",
+        help="only draw the given runs' DVCLive directories (e.g. copied back from a GPU machine)",
     )
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument(

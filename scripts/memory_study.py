@@ -181,8 +181,7 @@ def one(arm: str, seed: int, data: Path, work: Path) -> dict[str, Any]:
             *(py, "-m", "infinito.train", "--params", str(params), "--data", str(data)),
             *("--out", str(d / "models" / "best"), "--state", str(d / "checkpoints")),
             *("--metrics", str(metrics / "train.json")),
-            *("--history", str(metrics / "train_history.csv")),
-            *("--curves", str(metrics / "train_curves.png"), "--stale-state", "discard"),
+            *("--live", str(d / "dvclive"), "--stale-state", "discard"),
         ]
         evaluate = [
             *(py, "-m", "infinito.evaluate", "--params", str(params)),

@@ -51,7 +51,14 @@ COMMITTED_PARAMS = _committed_params()
 WIKITEXT_VALID = Path(__file__).resolve().parents[2] / "shared/data/wikitext-2/valid.txt"
 
 # What a temporary pipeline repository gets from this checkout.
-PIPELINE_FILES = ("dvc.yaml", ".dvc/config", ".dvc/.gitignore", ".dvcignore", ".gitignore")
+PIPELINE_FILES = (
+    "dvc.yaml",
+    ".dvc/config",
+    ".dvc/.gitignore",
+    ".dvc/plots",  # the custom plot templates dvc.yaml names
+    ".dvcignore",
+    ".gitignore",
+)
 PIPELINE_PACKAGES = ("infinito", "pipelines")
 GIT_IDENTITY = {"user.name": "INFINITO tests", "user.email": "tests@infinito.invalid"}
 
@@ -360,8 +367,7 @@ TRAIN_PATH_KEYWORDS = {
     "--out": "out_dir",
     "--state": "state_dir",
     "--metrics": "metrics_path",
-    "--history": "history_path",
-    "--curves": "curves_path",
+    "--live": "live_dir",
 }
 
 

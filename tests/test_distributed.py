@@ -40,6 +40,7 @@ from infinito.iit import MemoryCandidates
 from infinito.model import Infinito
 from infinito.runtime import torch_threads
 from infinito.train import TrainingInterrupted, train
+from infinito.trainlog import read_series
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BASE: dict[str, Any] = {
@@ -307,6 +308,14 @@ def test_two_processes_resume_a_one_process_run_and_match_it(
     assert state["loop"]["tokens_trained"] == STEPS * 5 * 32
     assert compare(reference, state) < WEIGHT_ATOL
     assert (tmp_path / "models" / "best" / "model.safetensors").is_file()
+    # rank 0 alone logs with DVCLive, from the resumed state on: each step once, none lost
+    series = read_series(train_outputs(tmp_path)["live_dir"])
+    for name, points in series.items():
+        steps = [step for step, _ in points]
+        assert steps == sorted(set(steps)), name
+    assert [s for s, _ in series["val_loss"]] == [r["step"] for r in reference["loop"]["history"]]
+    want = [r["step"] for r in reference["loop"]["step_log"]]
+    assert [s for s, _ in series["train_loss_step"]] == want
 
 
 def test_sigint_to_torchrun_saves_a_state_that_one_process_resumes(

@@ -140,6 +140,6 @@ def test_the_train_fixture_paths_are_dvc_yaml_s(tmp_path: Path) -> None:
     outputs = train_outputs(tmp_path)
     assert outputs["out_dir"] == tmp_path / given["--out"]
     assert outputs["state_dir"] == tmp_path / given["--state"]
-    assert outputs["curves_path"] == tmp_path / given["--curves"]
+    assert outputs["live_dir"] == tmp_path / given["--live"]
     args = train_cli_args(tmp_path / "p.yaml", tmp_path / "d", tmp_path)
-    assert args[args.index("--history") + 1] == str(tmp_path / given["--history"])
+    assert args[args.index("--metrics") + 1] == str(tmp_path / given["--metrics"])

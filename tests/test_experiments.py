@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import ALWAYS_CHANGED, UP_TO_DATE_STATUS, copy_repo
 
 from infinito.config import load_params
@@ -23,6 +24,7 @@ pytestmark = pytest.mark.slow
 DOWNSTREAM_OF_TRAIN = ["train", "evaluate", "generate-samples", "benchmark-inference"]
 CHECK = "check-params"  # reads every key, so any params change re-runs it (its output does not)
 QUEUE_TIMEOUT_S = 600
+SECONDS: dict[str, float] = {}  # wall time of the module's experiment runs, by name
 
 
 def ran_stages(output: str) -> list[str]:
@@ -37,7 +39,10 @@ def repo(reproduced_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 @pytest.fixture(scope="module")
 def lr_run(repo: Path, run_cmd: Callable) -> str:
     """``dvc exp run -n lr-1e-3 -S lr=1e-3``, once for the module; its output."""
-    return run_cmd(["dvc", "exp", "run", "-n", "lr-1e-3", "-S", "lr=1e-3"], repo).stdout
+    started = time.monotonic()
+    out = run_cmd(["dvc", "exp", "run", "-n", "lr-1e-3", "-S", "lr=1e-3"], repo).stdout
+    SECONDS["lr-1e-3"] = time.monotonic() - started
+    return out
 
 
 def test_repro_of_the_committed_baseline_is_up_to_date(repo: Path, run_cmd: Callable) -> None:
@@ -77,13 +82,36 @@ def test_plots_diff_shows_the_change(
     assert set(loss["revisions"]) == {"workspace", "HEAD"}
     values = loss["content"]["data"]["values"]
     by_rev: dict[str, set[str]] = {}
-    for row in values:
-        by_rev.setdefault(row["rev"], set()).add(row["train_loss"])
+    for row in values:  # rows of three series (step-level, training and validation loss)
+        if "train_loss" in row:
+            by_rev.setdefault(row["rev"], set()).add(row["train_loss"])
     assert set(by_rev) == {"workspace", "HEAD"} and by_rev["workspace"] != by_rev["HEAD"]
     out = tmp_path / "plots"
     run_cmd(["dvc", "plots", "diff", "main", "lr-1e-3", "-o", out], repo)
     html = (out / "index.html").read_text()
     assert "lr-1e-3" in html and "main" in html
+
+
+def test_exp_run_of_params_already_run_restores_every_stage_from_the_run_cache(
+    repo: Path, lr_run: str, run_cmd: Callable
+) -> None:
+    """Back to the committed params (the workspace holds lr-1e-3's): DVC's run-cache has every
+    stage of that configuration, so nothing runs, not even training."""
+    committed = load_params(repo / "params.yaml", {}).lr  # the workspace's, before the run
+    assert committed == 1e-3
+    seed_lr = yaml.safe_load(run_cmd(["git", "show", "HEAD:params.yaml"], repo).stdout)["lr"]
+    started = time.monotonic()
+    out = run_cmd(["dvc", "exp", "run", "-n", "seed-again", "-S", f"lr={seed_lr}"], repo).stdout
+    seconds = time.monotonic() - started
+    assert ran_stages(out) == [], out
+    for stage in DOWNSTREAM_OF_TRAIN:
+        assert f"Stage '{stage}' is cached - skipping run, checking out outputs" in out, out
+    assert seconds < 0.5 * SECONDS["lr-1e-3"], (seconds, SECONDS)
+    # the restored outputs are the committed baseline's, byte for byte
+    for path in ("metrics/train.json", "metrics/eval.json", "dvclive/plots/metrics/val_loss.tsv"):
+        assert (repo / path).read_text() == run_cmd(["git", "show", f"HEAD:{path}"], repo).stdout
+    assert (repo / "models/best/model.safetensors").is_file()
+    assert (repo / "samples/samples.md").is_file()
 
 
 @pytest.fixture(scope="module")

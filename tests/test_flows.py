@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,6 +28,7 @@ from infinito.config import ConfigError, Params, load_params, write_params
 from pipelines import flows
 from pipelines.flows import (
     ARTIFACT_DIFF,
+    ARTIFACT_HEADLINE,
     ARTIFACT_METRICS,
     ARTIFACT_SUMMARY,
     STAGE_TASKS,
@@ -156,8 +158,89 @@ def test_metrics_and_diff_rows_flatten_dvc_json() -> None:
 def test_stage_metric_files_come_from_dvc_yaml() -> None:
     assert flows.stage_metric_files(REPO_ROOT, ["train", "evaluate"]) == [
         "metrics/train.json",
+        "dvclive/metrics.json",
         "metrics/eval.json",
     ]
+
+
+def test_headline_has_the_key_numbers_to_four_significant_digits() -> None:
+    def row(file: str, metric: str, baseline: float | None, run: float) -> dict[str, Any]:
+        return {"file": f"metrics/{file}", "metric": metric, "baseline": baseline, "run": run}
+
+    every = [
+        row("eval.json", "validation_ppl", 462.53, 460.0),
+        row("eval.json", "test_ppl", 383.5, 383.5),
+        row("eval.json", "test_bits_per_byte", None, 1.9361),
+        row("train.json", "tokens_per_sec", 9876.4, 12345.6),
+        row("other.json", "test_ppl", 1.0, 2.0),  # another stage's file: not the headline's
+    ]
+    files = {"train": ["metrics/train.json"], "evaluate": ["metrics/eval.json"]}
+    md = flows.headline_markdown("experiment x", "HEAD", every, files)
+    lines = md.splitlines()
+    assert lines[0] == "# experiment x"
+    assert "| validation perplexity | 460 | 462.5 | -2.53 |" in lines
+    assert "| test perplexity | 383.5 | 383.5 | 0 |" in lines
+    assert "| test bits per byte | 1.936 | - | - |" in lines
+    assert "| training tokens/s | 12,350 | 9876 | +2469 |" in lines
+    assert not any("memory contribution" in ln for ln in lines)  # absent: left out
+    assert len(lines) == 8  # title, blank, header, rule, four numbers
+    assert flows.rounded([{"a": 0.123456, "b": 3, "c": "x", "d": True}]) == [
+        {"a": 0.1235, "b": 3, "c": "x", "d": True}
+    ]
+
+
+def test_overrides_are_a_typed_form_with_free_form_extras() -> None:
+    from pipelines.flows import Overrides
+    from pipelines.quickstart import QUICKSTART_OVERRIDES
+
+    schema = infinito_pipeline.parameters.model_dump()
+    fields = schema["definitions"]["Overrides"]["properties"]
+    assert list(fields) == [
+        "lr",
+        "batch_size",
+        "epochs",
+        "lambda_phi",
+        "seed",
+        "model.iit",
+        "data.source",
+        "extra",
+    ]
+    assert {"number", "null"} == {t["type"] for t in fields["lr"]["anyOf"]}
+    assert {"boolean", "null"} == {t["type"] for t in fields["model.iit"]["anyOf"]}
+    # a flat mapping of dotted keys, as -S takes them: the keys without a field go to extra
+    o = Overrides.of({"lr": "1e-4", "model.iit": False, "train.max_steps": 5})
+    assert (o.lr, o.model_iit, o.extra) == (1e-4, False, {"train.max_steps": 5})
+    assert o.dotted() == {"lr": 1e-4, "model.iit": False, "train.max_steps": 5}
+    assert Overrides.of(QUICKSTART_OVERRIDES).dotted() == QUICKSTART_OVERRIDES
+    assert Overrides.of(None).dotted() == {}
+    with pytest.raises(ValueError, match="lr is given twice"):
+        Overrides.of({"lr": 1e-4, "extra": {"lr": 2e-4}})
+    with pytest.raises(ValueError, match="lr"):
+        Overrides.of({"lr": "fast"})
+
+
+def test_prefect_yaml_declares_the_deployments_of_pipelines_deploy() -> None:
+    """`prefect deploy --all` and `python -m pipelines.deploy` register the same deployments."""
+    from prefect.cli.deploy._models import PrefectYamlModel
+    from prefect.flows import load_flow_from_entrypoint
+
+    from pipelines.deploy import DEFAULT_CRON, SCHEDULE_SLUG, SEED_DEPLOYMENT, deployment_specs
+
+    spec = PrefectYamlModel.model_validate(yaml.safe_load((REPO_ROOT / "prefect.yaml").read_text()))
+    assert spec.pull == []  # the worker imports the flow from its own checkout
+    declared = {d.name: d for d in spec.deployments}
+    expected = deployment_specs()
+    assert set(declared) == set(expected)
+    for name, want in expected.items():
+        got = declared[name]
+        flow_ = load_flow_from_entrypoint(got.entrypoint)
+        assert flow_.name == infinito_pipeline.name and flow_.fn is infinito_pipeline.fn
+        assert got.work_pool is not None and got.work_pool.name == want["work_pool"]
+        assert got.parameters == want["parameters"]
+        assert got.description == want["description"] and got.tags == want["tags"]
+        schedules = [(s.cron, s.timezone, s.slug) for s in got.schedules or []]
+        seed = [(DEFAULT_CRON, "UTC", SCHEDULE_SLUG)]
+        assert schedules == (seed if name == SEED_DEPLOYMENT else [])
 
 
 def test_experiment_names_are_checked_before_any_stage(
@@ -197,12 +280,18 @@ def _task_runs(state: State) -> list[tuple[str, str]]:
 
 
 def _artifacts(state: State) -> dict[str, Any]:
+    """The flow run's artifacts by key, in the order they were created."""
     flow_run_id = state.state_details.flow_run_id
     with get_client(sync_client=True) as client:
         arts = client.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
         )
-    return {a.key: a for a in arts}
+    return {a.key: a for a in sorted(arts, key=lambda a: a.created)}
+
+
+def _run_name(state: State) -> str:
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(state.state_details.flow_run_id).name
 
 
 def _git(repo: Path, *args: str) -> str:
@@ -226,7 +315,7 @@ def test_flow_runs_an_experiment_and_publishes_metrics(
     )
     assert state.is_completed(), state
     result = state.result()
-    assert result["experiment"] == "stride-8"
+    assert result["experiment"] == "stride-8" == _run_name(state)  # Prefect's name is DVC's
     assert result["overrides"] == ["evaluate.sliding_stride=8"]
 
     names = [n for n, _ in _task_runs(state)]
@@ -248,16 +337,34 @@ def test_flow_runs_an_experiment_and_publishes_metrics(
     diff = {r["metric"]: r for r in result["diff"]}
     assert diff["validation_sliding_ppl"]["baseline"] != diff["validation_sliding_ppl"]["run"]
     assert "validation_ppl" not in diff  # the non-overlapping protocol did not change
-    assert {r["file"] for r in result["metrics"]} == {"metrics/train.json", "metrics/eval.json"}
+    files = {"metrics/train.json", "dvclive/metrics.json", "metrics/eval.json"}
+    assert {r["file"] for r in result["metrics"]} == files
 
     arts = _artifacts(state)
-    assert {ARTIFACT_METRICS, ARTIFACT_DIFF, ARTIFACT_SUMMARY} <= set(arts)
+    assert list(arts)[:4] == [ARTIFACT_HEADLINE, ARTIFACT_METRICS, ARTIFACT_DIFF, ARTIFACT_SUMMARY]
+    headline = arts[ARTIFACT_HEADLINE].data
+    assert arts[ARTIFACT_HEADLINE].type == "markdown" and "| validation perplexity |" in headline
+    assert len(headline.splitlines()) <= 10  # short: the full tables follow
+    # against the committed baseline: its numbers are on the baseline side (4 significant)
+    committed = json.loads(_git(repo, "show", "HEAD:metrics/eval.json"))
+    assert f" {flows._fmt(committed['validation_ppl'])} |" in headline
     assert arts[ARTIFACT_METRICS].type == "table"
+    table_values = [r["value"] for r in json.loads(arts[ARTIFACT_METRICS].data)]
+    assert all(v == flows.sig4(v) for v in table_values)
     table = json.loads(arts[ARTIFACT_DIFF].data)
     assert any(row["metric"] == "validation_sliding_ppl" for row in table)
     summary = arts[ARTIFACT_SUMMARY].data
     assert arts[ARTIFACT_SUMMARY].type == "markdown"
     assert "experiment stride-8" in summary and "validation_sliding_ppl" in summary
+
+    # Overrides without a name: the run gets a DVC-style name, and the experiment the same.
+    unnamed = infinito_pipeline(
+        overrides={"evaluate.sliding_stride": 4}, repo=str(repo), return_state=True
+    )
+    assert unnamed.is_completed(), unnamed
+    name = _run_name(unnamed)
+    assert unnamed.result()["experiment"] == name and re.fullmatch(r"[a-z]+-[a-z]+", name)
+    assert name in run_cmd(["dvc", "exp", "list", "--name-only"], repo).stdout.split()
 
     # The same name again is refused before any stage runs.
     again = infinito_pipeline(
@@ -293,6 +400,7 @@ def test_flow_without_overrides_reruns_the_committed_configuration(
     state = infinito_pipeline(repo=str(repo), return_state=True)
     assert state.is_completed(), state
     assert state.result()["experiment"] is None
+    assert _run_name(state) == f"repro-{_git(repo, 'rev-parse', '--short', 'HEAD').strip()}"
     assert params.read_text() == committed  # started from the committed file
     assert (repo / "dvc.lock").read_text() == lock  # every stage was up to date
     assert run_cmd(["dvc", "exp", "list", "--name-only"], repo).stdout.split() == []

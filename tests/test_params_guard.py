@@ -116,7 +116,7 @@ def _stage_call(stage: str) -> tuple[str, list[str], str, Any]:
         "init": ("resolve", ["--out", "init.json"], "train.init_from", _Start()),
         "train": (
             "train",
-            [*(f"--{o} x" for o in ("data", "out", "state", "metrics", "history", "curves"))],
+            [*(f"--{o} x" for o in ("data", "out", "state", "metrics", "live"))],
             "seed",
             {**train_metrics, "tokens_per_sec": 1.0},
         ),

@@ -29,7 +29,13 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRun
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from pipelines.deploy import DEFAULT_CRON, QUICKSTART_DEPLOYMENT, SEED_DEPLOYMENT
-from pipelines.flows import ARTIFACT_DIFF, ARTIFACT_METRICS, ARTIFACT_SUMMARY
+from pipelines.flows import (
+    ARTIFACT_DIFF,
+    ARTIFACT_HEADLINE,
+    ARTIFACT_METRICS,
+    ARTIFACT_SUMMARY,
+    Overrides,
+)
 from pipelines.quickstart import QUICKSTART_OVERRIDES
 
 SERVER_START_TIMEOUT_S = 180
@@ -161,8 +167,17 @@ def test_deploy_worker_and_a_run_through_the_api(
         assert proc.returncode == 0, f"{' '.join(args)}:\n{proc.stdout}\n{proc.stderr}"
         return proc.stdout
 
-    # docs/prefect.md's path: create the pool, deploy, start a worker on the pool.
+    # docs/prefect.md's path: create the pools, deploy, start a worker on the pool.
     cli(*PREFECT, "work-pool", "create", "gpu", "--type", "process")
+    cli(*PREFECT, "work-pool", "create", "cpu", "--type", "process")
+    # prefect.yaml first (`prefect deploy --all`), then pipelines.deploy over it: the same two
+    out = cli(*PREFECT, "--no-prompt", "deploy", "--all")
+    assert "infinito-pipeline/seed" in out and "infinito-pipeline/quickstart-cpu" in out
+    with temporary_settings({PREFECT_API_URL: url}), get_client(sync_client=True) as client:
+        from_yaml = {
+            name: client.read_deployment_by_name(f"infinito-pipeline/{name}")
+            for name in (SEED_DEPLOYMENT, QUICKSTART_DEPLOYMENT)
+        }
     out = cli(sys.executable, "-m", "pipelines.deploy")
     assert "infinito-pipeline/seed" in out and "infinito-pipeline/quickstart-cpu" in out
     worker_env = {**env, "PREFECT_WORKER_QUERY_SECONDS": "1"}
@@ -179,8 +194,22 @@ def test_deploy_worker_and_a_run_through_the_api(
             assert [(s.schedule.cron, s.active) for s in seed.schedules] == [(DEFAULT_CRON, True)]
             quick = client.read_deployment_by_name(f"infinito-pipeline/{QUICKSTART_DEPLOYMENT}")
             assert quick.work_pool_name == "cpu"
-            assert quick.parameters == {"overrides": QUICKSTART_OVERRIDES}
+            assert Overrides.of(quick.parameters["overrides"]).dotted() == QUICKSTART_OVERRIDES
             assert client.read_work_pool("cpu").type == "process"
+            for name, dep in ((SEED_DEPLOYMENT, seed), (QUICKSTART_DEPLOYMENT, quick)):
+                yaml_dep = from_yaml[name]
+                assert dep.id == yaml_dep.id  # the same deployment, updated
+                assert (yaml_dep.entrypoint, yaml_dep.work_pool_name, yaml_dep.parameters) == (
+                    "pipelines.flows:infinito_pipeline",
+                    dep.work_pool_name,
+                    dep.parameters,
+                )
+                assert yaml_dep.tags == dep.tags and yaml_dep.description == dep.description
+            assert [s.schedule.cron for s in from_yaml[SEED_DEPLOYMENT].schedules] == [DEFAULT_CRON]
+            # the run form: the common overrides are typed fields
+            form = seed.parameter_openapi_schema["definitions"]["Overrides"]["properties"]
+            assert {"lr", "batch_size", "epochs", "lambda_phi", "seed"} <= set(form)
+            assert {"model.iit", "data.source", "extra"} <= set(form)
 
             def worker_online() -> bool:
                 assert worker.alive(), _tail(worker.log)
@@ -208,6 +237,7 @@ def test_deploy_worker_and_a_run_through_the_api(
             assert flow_run.state is not None
             assert flow_run.state.is_completed(), f"{flow_run.state}\n{_tail(worker.log)}"
             assert flow_run.work_pool_name == "gpu"
+            assert flow_run.name == "e2e"  # the DVC experiment's name
             arts = {
                 a.key: a
                 for a in client.read_artifacts(
@@ -219,7 +249,7 @@ def test_deploy_worker_and_a_run_through_the_api(
     finally:
         worker.stop()
 
-    assert {ARTIFACT_METRICS, ARTIFACT_DIFF, ARTIFACT_SUMMARY} <= set(arts)
+    assert {ARTIFACT_HEADLINE, ARTIFACT_METRICS, ARTIFACT_DIFF, ARTIFACT_SUMMARY} <= set(arts)
     diff = json.loads(arts[ARTIFACT_DIFF].data)
     assert any(r["metric"] == "validation_sliding_ppl" and r["baseline"] != r["run"] for r in diff)
     assert "experiment e2e" in arts[ARTIFACT_SUMMARY].data

@@ -72,8 +72,9 @@ def test_quickstart_in_a_fresh_clone(tmp_path: Path, run_cmd: Callable) -> None:
     assert run_cmd(["git", "config", "user.name"], clone, env=env, check=False).returncode != 0
 
     command = readme_quickstart_command().split()
-    # `-o`: the setup step's stamp counts as done, so make reuses the linked virtualenv.
-    args = [command[0], "-o", ".venv/.installed", *command[1:]]
+    # `-o`: the setup step's stamp counts as done, so make reuses the linked virtualenv; so does
+    # the offline plots page (it installs from npm, which this test's network refuses).
+    args = [command[0], "-o", ".venv/.installed", "-o", "build/dvc_plots/page.html", *command[1:]]
     out = run_cmd(args, clone, env=env, timeout=QUICKSTART_TIMEOUT_S).stdout
 
     ran = re.findall(r"Running stage '([^']+)'", out)
@@ -87,14 +88,26 @@ def test_quickstart_in_a_fresh_clone(tmp_path: Path, run_cmd: Callable) -> None:
         if ln.split(":", 1)[0] in ("metrics", "samples", "plots")
     }
     assert set(pointers) == {"metrics", "samples", "plots"}, "\n".join(tail)
-    for files in pointers.values():
+    for files in (pointers["metrics"], pointers["samples"]):
         assert files
         for rel in files:
             assert (clone / rel).is_file() and (clone / rel).stat().st_size > 0, rel
     assert "metrics/eval.json" in pointers["metrics"]
-    assert (clone / pointers["plots"][0]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert pointers["plots"] == ["dvclive/plots/metrics"]  # DVCLive's series, one per file
+    assert (clone / "dvclive/plots/metrics/val_ppl.tsv").stat().st_size > 0
     evaluation = json.loads((clone / "metrics/eval.json").read_text())
     assert evaluation["test_ppl"] > 1
+
+    # The committed baseline (this quickstart's metrics, in git) gives the comparison numbers on
+    # both sides.
+    diff = json.loads(run_cmd(["dvc", "metrics", "diff", "--all", "--json"], clone).stdout)
+    for file in pointers["metrics"]:
+        numbers = {k: v for k, v in diff[file].items() if isinstance(v["new"], int | float)}
+        assert numbers, file
+        for key, value in numbers.items():  # device names and such are strings
+            assert isinstance(value["old"], int | float), (file, key, value)
+    shown = run_cmd(["dvc", "metrics", "diff"], clone).stdout
+    assert "test_ppl" in shown or "wall_time_sec" in shown  # numbers that differ are listed
 
     # The seed configuration stays committed; the quickstart's overrides are a named experiment.
     seed = tmp_path / "seed.yaml"

@@ -21,6 +21,8 @@ PULLED = (
     "data/tokenized/meta.json",
     "models/best/model.safetensors",
     "models/best/config.json",
+    "samples/samples.md",
+    "dvclive/params.yaml",
 )
 
 
@@ -46,7 +48,8 @@ def test_a_second_clone_pulls_the_results_and_is_up_to_date(
     run_cmd(["dvc", "pull"], clone)
     for rel in PULLED:
         assert (clone / rel).read_bytes() == (pipeline_repo / rel).read_bytes(), rel
-    for rel in ("metrics/train.json", "metrics/eval.json"):  # in git, unchanged
+    for rel in ("metrics/train.json", "metrics/eval.json", "dvclive/plots/metrics/val_loss.tsv"):
+        # in git, unchanged
         assert (clone / rel).read_text() == (pipeline_repo / rel).read_text(), rel
     status = json.loads(run_cmd(["dvc", "status", "--json"], clone).stdout)
     assert status == UP_TO_DATE_STATUS  # only the init stage, which DVC always re-checks

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -154,6 +155,34 @@ def test_welch_test_of_iit_against_ablation() -> None:
     assert math.isnan(tok["p"]) and "no variance" in tok["note"]
 
 
+def test_a_run_repeated_with_the_same_params_counts_once_and_is_named() -> None:
+    """Two runs of identical params (seed included) are one sample, not two seeds."""
+    data = exp_show()
+    again = [
+        exp("iit-s1-again", params(seed=1), metrics(IIT_PPL[1] + 1.0), None),  # a rerun
+        exp("abl-s2-again", params(seed=2, iit=False), metrics(ABL_PPL[2]), "success"),
+        exp("abl-s2-third", params(seed=2, iit=False), metrics(ABL_PPL[2]), None),
+    ]
+    data[1]["experiments"] += again
+    report = build_report(data)
+    assert report.duplicates == {  # the first of each configuration counts
+        "iit-s1-again": "iit-s1",
+        "abl-s2-again": "abl-s2",
+        "abl-s2-third": "abl-s2",
+    }
+    assert len(runs_table(report)) == len(runs_table(build_report(exp_show()))) + 3
+    iit = report.groups[report.groups["group"].str.contains("model.iit=True")].iloc[0]
+    abl = report.groups[report.groups["group"].str.contains("model.iit=False")].iloc[0]
+    assert (iit["n"], abl["n"]) == (4, 3)  # distinct seeds
+    assert sorted(iit["seeds"].split()) == ["1", "2", "3", "42"]
+    assert iit["test_ppl mean"] == pytest.approx(np.mean(IIT_GROUP))  # iit-s1's number, once
+    row = report.tests.set_index("metric").loc["test_ppl"]
+    assert (row["iit n"], row["ablation n"]) == (4, 3)
+    assert row["t"] == pytest.approx(welch(IIT_GROUP, list(ABL_PPL.values()))[0])
+    md = render_markdown(report)
+    assert "iit-s1-again (= iit-s1)" in md and "abl-s2-third (= abl-s2)" in md
+
+
 def test_too_few_seeds_is_reported_not_tested() -> None:
     data = exp_show()
     data[1]["experiments"] = [e for e in data[1]["experiments"] if e["name"] != "abl-s2"]
@@ -233,3 +262,11 @@ def test_report_over_real_dvc_experiments(
     md = (tmp_path / "r.md").read_text()
     # Seeds 1 and 2 per side: IIT 101, 102; ablation 108, 109.
     assert "101.5 ± 0.7071" in md and "108.5 ± 0.7071" in md
+
+    # The same configuration again (DVC restores it from its run-cache): one seed, not two.
+    run_cmd(["dvc", "exp", "run", "-n", "again", "-S", "seed=1", "-S", "model.iit=true"], repo)
+    run_cmd(["infinito", "report", "--out", tmp_path / "r"], repo)
+    md = (tmp_path / "r.md").read_text()
+    assert len(pd.read_csv(tmp_path / "r.csv")) == 5
+    assert re.search(r"again \(= [\w-]+\)", md), md
+    assert "101.5 ± 0.7071" in md  # counted twice it would be 101.3 ± 0.5774

@@ -137,7 +137,7 @@ def test_training_reads_a_large_train_split_without_loading_it(tmp_path: Path) -
             f"params = load_params(Path({str(tmp_path / 'params.yaml')!r}))\n"
             f"root = Path({str(root)!r})\n"
             f"m = train(params, Path({str(data)!r}), root / 'best', root / 'state', "
-            "root / 'train.json', root / 'history.csv')\n"
+            "root / 'train.json', root / 'live')\n"
             "out = {'steps': m['steps']}"
         )
         assert peaks[label]["steps"] == 2

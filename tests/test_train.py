@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
@@ -19,6 +18,7 @@ import conftest
 import numpy as np
 import pytest
 import torch
+import yaml
 from conftest import train_cli_args, train_outputs
 
 from infinito import trainer as trainer_mod
@@ -41,6 +41,7 @@ from infinito.train import (
     main,
     train,
 )
+from infinito.trainlog import read_series
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 64
@@ -103,14 +104,19 @@ IIT_KEYS = {
     "iit_phi_weight_attention_diversity",
     *(f"iit_{k}" for k in WRITE_STATS),
 }
-HISTORY_COLUMNS = [
+# The DVCLive series of a run: one per history column (step is their x), the step-level loss,
+# and, with IIT, one per model statistic.
+BASE_SERIES = {
     "epoch",
-    "step",
     "lr",
     "train_loss",
     "train_ppl",
     "val_loss",
     "val_ppl",
+    "tokens_per_sec",
+    "train_loss_step",
+}
+IIT_SERIES = {
     "phi_mean",
     "phi_temporal_coherence",
     "phi_integration",
@@ -121,8 +127,11 @@ HISTORY_COLUMNS = [
     "aux_loss",
     "memory_utilisation",
     *WRITE_STATS,
-    "tokens_per_sec",
-]
+    "phi_weight_temporal_coherence",
+    "phi_weight_integration",
+    "phi_weight_complexity",
+    "phi_weight_attention_diversity",
+}
 TIMING_KEYS = {"tokens_per_sec", "wall_time_sec", "eval_time_sec", "first_step_sec"}
 
 
@@ -145,9 +154,15 @@ def run(params: Params, data: Path, root: Path, **kwargs: Any) -> dict[str, Any]
     return train(params, data, **train_outputs(root), **kwargs)
 
 
-def history(root: Path) -> list[dict[str, str]]:
-    with (root / "metrics" / "train_history.csv").open() as f:
-        return list(csv.DictReader(f))
+def history(root: Path) -> list[dict[str, float]]:
+    """The run's validation rows, read back from its DVCLive series (one per history column)."""
+    series = read_series(train_outputs(root)["live_dir"])
+    rows: dict[int, dict[str, float]] = {step: {"step": step} for step, _ in series["val_loss"]}
+    for name, points in series.items():
+        if name != "train_loss_step":
+            for step, value in points:
+                rows[step][name] = value
+    return list(rows.values())
 
 
 def final_state(root: Path) -> dict[str, Any]:
@@ -286,12 +301,22 @@ def test_training_lowers_validation_loss_and_writes_its_train_outputs(
     metrics = run(tiny({"epochs": 3}), tokenized_data(), tmp_path)
 
     rows = history(tmp_path)
-    assert list(rows[0]) == HISTORY_COLUMNS
-    assert [r["epoch"] for r in rows] == ["1", "2", "3"]
-    assert [int(r["step"]) for r in rows] == [23, 46, 69]
-    val = [float(r["val_loss"]) for r in rows]
+    live = train_outputs(tmp_path)["live_dir"]
+    series = read_series(live)
+    assert set(series) == BASE_SERIES | IIT_SERIES
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert [r["step"] for r in rows] == [23, 46, 69]
+    assert all(set(r) == BASE_SERIES - {"train_loss_step"} | IIT_SERIES | {"step"} for r in rows)
+    val = [r["val_loss"] for r in rows]
     assert val[-1] < val[0] - 0.3 and val[-1] < math.log(VOCAB) - 1.0
-    assert all(r[c] != "" for r in rows for c in HISTORY_COLUMNS)
+    # the step-level loss: the first step (about ln V at initialisation) and every log_every-th
+    steps = [step for step, _ in series["train_loss_step"]]
+    assert steps == [1, *range(5, 70, 5)]
+    assert series["train_loss_step"][0][1] == pytest.approx(math.log(VOCAB), abs=0.5)
+    summary = json.loads((live / "metrics.json").read_text())  # DVCLive's latest values
+    assert summary["step"] == 69 and summary["val_loss"] == val[-1]
+    logged = yaml.safe_load((live / "params.yaml").read_text())
+    assert logged["lr"] == 3e-3 and logged["model"]["d_model"] == 32 and "evaluate" not in logged
 
     assert set(metrics) == TRAIN_KEYS | IIT_KEYS  # no mfu/peak memory on CPU
     assert json.loads((tmp_path / "metrics" / "train.json").read_text()) == metrics
@@ -307,7 +332,7 @@ def test_training_lowers_validation_loss_and_writes_its_train_outputs(
     kept = Infinito.from_checkpoint(tmp_path / "checkpoints" / "best")
     for (name, a), b in zip(best.state_dict().items(), kept.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
-    assert (tmp_path / "metrics" / "train_curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert not list(tmp_path.rglob("*.png")) and not list(tmp_path.rglob("*.csv"))
     assert final_state(tmp_path)["loop"]["complete"] is True
 
     text = caplog.text
@@ -369,6 +394,8 @@ def test_resume_after_interruption_ends_with_the_same_weights(
         assert {k: v for k, v in ra.items() if k != "tokens_per_sec"} == {
             k: v for k, v in rb.items() if k != "tokens_per_sec"
         }
+    sa, sb = (read_series(train_outputs(tmp_path / n)["live_dir"]) for n in ("ref", "cut"))
+    assert sa["train_loss_step"] == sb["train_loss_step"]  # each step once, the same values
 
 
 def test_sigterm_at_an_epoch_end_saves_and_resumes(
@@ -450,6 +477,57 @@ def test_kill_9_loses_at_most_the_unsaved_steps(
     got = json.loads((tmp_path / "cut" / "metrics" / "train.json").read_text())
     assert got["best_val_loss"] == ref["best_val_loss"]
     assert not list((tmp_path / "cut" / "checkpoints").glob(".*.tmp"))
+
+
+@pytest.mark.slow
+def test_kill_9_keeps_one_continuous_dvclive_history(
+    tokenized_data: Callable[..., Path], tmp_path: Path
+) -> None:
+    """DVCLive's files may run ahead of the last saved state when a run is killed; the resumed
+    run rewrites them from the state, so every series equals the uninterrupted run's: no step
+    twice (the ones logged after the save), none lost."""
+    data = tokenized_data()
+    overrides = {"epochs": 3, "train.log_every": 1, "train.eval_every_steps": 5}
+    run(tiny(overrides), data, tmp_path / "ref")
+    params = write_params(tmp_path / "params.yaml", overrides)
+    # saves only at epoch ends (step 23, 46): the kill lands well after the last one
+    cmd = [
+        sys.executable,
+        "-m",
+        "infinito.train",
+        *train_cli_args(params, data, tmp_path / "cut"),
+        "--save-every-sec",
+        "1e9",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CI": "1"}
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if "step 40/" in line:
+            proc.kill()
+            break
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    saved_step = final_state(tmp_path / "cut")["loop"]["step"]
+    live = train_outputs(tmp_path / "cut")["live_dir"]
+    before = read_series(live)
+    assert saved_step == 23
+    assert max(step for step, _ in before["val_loss"]) >= 35  # logged after the saved state
+    assert max(step for step, _ in before["train_loss_step"]) >= 40
+
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "resuming from" in done.stderr
+    ref, cut = read_series(train_outputs(tmp_path / "ref")["live_dir"]), read_series(live)
+    assert set(ref) == set(cut)
+    for name in ref:
+        steps = [step for step, _ in cut[name]]
+        assert steps == sorted(set(steps)), name  # each step once, in order
+        if name != "tokens_per_sec":  # a time measurement
+            assert cut[name] == ref[name], name
+    assert [s for s, _ in cut["val_loss"]] == sorted({*range(5, 70, 5), 23, 46, 69})
+    summary = json.loads((live / "metrics.json").read_text())
+    assert summary["step"] == 69
 
 
 def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_state(
@@ -600,9 +678,10 @@ def test_lambda_zero_is_exactly_cross_entropy_and_the_ablation_has_no_iit_number
 
     metrics = run(tiny({"epochs": 1, "model.iit": False}), data, tmp_path / "ablation")
     assert set(metrics) == TRAIN_KEYS
-    (row,) = history(tmp_path / "ablation")
-    assert row["val_loss"] != "" and row["tokens_per_sec"] != ""
-    assert all(row[c] == "" for c in HISTORY_COLUMNS[7:-1])  # no PHI, no memory: empty cells
+    # no PHI, no memory: those series are absent (not zero, not empty) from DVCLive's record
+    live = train_outputs(tmp_path / "ablation")["live_dir"]
+    assert set(read_series(live)) == BASE_SERIES
+    assert set(json.loads((live / "metrics.json").read_text())) == BASE_SERIES | {"step"}
 
 
 @pytest.mark.parametrize(
