@@ -216,11 +216,11 @@ def test_a_full_disk_during_tokenize_keeps_the_previous_output(
     (out / "previous").write_text("the last good output")
     real = tokenize.tokenize_file
 
-    def fills_the_disk(src: Path, dst: Path, *args: Any) -> dict[str, int]:
+    def fills_the_disk(src: Path, dst: Path, *args: Any, **kwargs: Any) -> dict[str, int]:
         if src.name == "validation.txt":
             dst.write_bytes(b"\0" * 64)
             raise OSError(NO_SPACE.errno, NO_SPACE.strerror)
-        return real(src, dst, *args)
+        return real(src, dst, *args, **kwargs)
 
     monkeypatch.setattr(tokenize, "tokenize_file", fills_the_disk)
     assert tokenize.main(["--raw", str(raw), "--out", str(out)]) == 2
