@@ -619,7 +619,7 @@ def test_dvc_retrains_when_the_initial_weights_change_and_only_then(
     save_gpt2(folder, **gpt2_dims)
     repo = dvc_repo(overrides={**TINY_PIPELINE, "train.init_from": str(folder)})
     out = run_cmd(["dvc", "repro", "train"], repo, env=ONE_THREAD).stdout
-    assert ran_stages(out) == ["download", "tokenize", "init", "train"]
+    assert ran_stages(out) == ["check-params", "download", "tokenize", "init", "train"]
     manifest_path = stage_paths("init")["--out"]  # dvc.yaml's, its one home
     manifest = json.loads((repo / manifest_path).read_text())
     assert manifest["kind"] == "gpt2" and set(manifest["files"]) == {

@@ -27,7 +27,7 @@ PARAMS_READERS = ("tests/test_config.py", "tests/test_flows.py", "tests/test_par
 def test_tests_pass_in_a_checkout_whose_params_hold_the_quickstart_s_overrides(
     tmp_path: Path, run_cmd: Callable[..., Any]
 ) -> None:
-    extra = ("tests", "docs", "scripts", "README.md", "pyproject.toml", "Makefile")
+    extra = ("tests", "docs", "scripts", "README.md", "pyproject.toml", "Makefile", "prefect.yaml")
     repo = make_dvc_repo(tmp_path / "clone", extra=extra)  # the seed params, committed
     write_params(repo / "params.yaml", QUICKSTART_OVERRIDES)  # what make quickstart leaves
     assert load_params(repo / "params.yaml").model.d_model == 64
