@@ -1,5 +1,5 @@
 # One-word entries. `make quickstart` runs the whole pipeline on CPU, offline; `make test` runs the tests
-# (about 8-9 minutes on an idle 2-core machine, 24 loaded); `make test-fast` leaves out the slow ones.
+# (about 20 minutes on an idle 2-core machine, 24 loaded); `make test-fast` leaves out the slow ones.
 PYTHON ?= python3.11
 VENV   ?= .venv
 BIN    := $(VENV)/bin
