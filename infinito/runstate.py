@@ -135,10 +135,9 @@ class Loop:
         return cls(acc=acc, **data)
 
 
-def fingerprint_inputs(params: Params, data_dir: Path, init: dict[str, Any]) -> dict[str, Any]:
-    """What shapes the run: the train stage's params (minus hardware/display keys), the data,
-    and what it started from (``InitSource.record()``: the weights' sha256, a Hub revision)."""
-    train = {k: v for k, v in params.train.to_dict().items() if k not in FINGERPRINT_EXCLUDED}
+def train_stage_params(params: Params) -> dict[str, Any]:
+    """The params the train stage reads (dvc.yaml's train ``params``), nested as in params.yaml
+    (DVCLive logs them; the fingerprint starts from them)."""
     return {
         "epochs": params.epochs,
         "batch_size": params.batch_size,
@@ -146,13 +145,18 @@ def fingerprint_inputs(params: Params, data_dir: Path, init: dict[str, Any]) -> 
         "lambda_phi": params.lambda_phi,
         "seed": params.seed,
         "model": params.model.to_dict(),
-        "data": {
-            "seq_len": params.data.seq_len,
-            **{s: file_digest(Path(data_dir) / f"{s}.bin") for s in ("train", "validation")},
-        },
-        "train": train,
-        "init": init,
+        "data": {"seq_len": params.data.seq_len},
+        "train": params.train.to_dict(),
     }
+
+
+def fingerprint_inputs(params: Params, data_dir: Path, init: dict[str, Any]) -> dict[str, Any]:
+    """What shapes the run: the train stage's params (minus hardware/display keys), the data,
+    and what it started from (``InitSource.record()``: the weights' sha256, a Hub revision)."""
+    inputs = train_stage_params(params)
+    inputs["data"] |= {s: file_digest(Path(data_dir) / f"{s}.bin") for s in ("train", "validation")}
+    inputs["train"] = {k: v for k, v in inputs["train"].items() if k not in FINGERPRINT_EXCLUDED}
+    return {**inputs, "init": init}
 
 
 def previous_state(

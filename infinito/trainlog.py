@@ -22,7 +22,7 @@ import torch
 
 from infinito.atomic import atomic_dir, write_json
 from infinito.config import Params
-from infinito.runstate import Loop
+from infinito.runstate import Loop, train_stage_params
 from infinito.runtime import is_tty
 from infinito.scoring import Score, perplexity
 
@@ -92,20 +92,6 @@ def history_row(loop: Loop, lr: float, steps_per_epoch: int, val: Score) -> dict
 def stat_keys(row: dict[str, Any]) -> list[str]:
     """The model statistics in a history row (every key but the row's own columns)."""
     return [k for k in row if k not in BASE_COLUMNS]
-
-
-def train_stage_params(params: Params) -> dict[str, Any]:
-    """The params the train stage reads (dvc.yaml's train ``params``), as DVCLive logs them."""
-    return {
-        "epochs": params.epochs,
-        "batch_size": params.batch_size,
-        "lr": params.lr,
-        "lambda_phi": params.lambda_phi,
-        "seed": params.seed,
-        "model": params.model.to_dict(),
-        "data": {"seq_len": params.data.seq_len},
-        "train": params.train.to_dict(),
-    }
 
 
 class LiveLog:

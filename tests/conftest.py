@@ -287,6 +287,48 @@ def tokenized_data(tmp_path: Path) -> Callable[..., Path]:
 
 # The whole pipeline at toy size on the builtin corpus (about half a minute on 2 cores). The
 # vocabulary stays GPT-2's: the tokenize stage decides it.
+# A tiny trainer on tokenized_data's tokens (vocabulary 64): the stop, signal and supervision
+# tests' run, as dotted overrides for write_params.
+TINY_TRAINER: dict[str, Any] = {
+    "epochs": 2,
+    "batch_size": 4,
+    "lr": 3e-3,
+    "data.seq_len": 32,
+    "model.vocab_size": 64,
+    "model.d_model": 32,
+    "model.n_layer": 1,
+    "model.n_head": 2,
+    "model.block_size": 32,
+    "model.memory_slots": 8,
+    "model.phi_chunk": 8,
+    "train.warmup_steps": 2,
+    "train.device": "cpu",
+    "train.compile": False,
+}
+
+
+def nan_loss_at(monkeypatch: pytest.MonkeyPatch, call: int) -> list[int]:
+    """Make the ``call``-th training-mode forward pass of any Infinito return a NaN loss; the
+    returned counter (passes so far) may be reset to count again."""
+    import torch
+
+    from infinito.model import Infinito
+
+    original = Infinito.forward
+    calls = [0]
+
+    def forward(self: Infinito, idx: torch.Tensor, targets: torch.Tensor | None = None) -> Any:
+        out = original(self, idx, targets)
+        if self.training:
+            calls[0] += 1
+            if calls[0] == call:
+                out = out._replace(loss=out.loss * float("nan"))
+        return out
+
+    monkeypatch.setattr(Infinito, "forward", forward)
+    return calls
+
+
 TINY_PIPELINE: dict[str, Any] = {
     "data.source": "builtin",
     "data.seq_len": 32,

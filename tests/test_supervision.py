@@ -19,28 +19,12 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import train_cli_args, write_params
+from conftest import TINY_TRAINER, train_cli_args, write_params
 
 from infinito.checkpoint import load_state
 from infinito.config import ConfigError
 
-TINY = {
-    "epochs": 50,
-    "batch_size": 4,
-    "lr": 3e-3,
-    "data.seq_len": 32,
-    "model.vocab_size": 64,
-    "model.d_model": 32,
-    "model.n_layer": 1,
-    "model.n_head": 2,
-    "model.block_size": 32,
-    "model.memory_slots": 8,
-    "model.phi_chunk": 8,
-    "train.warmup_steps": 2,
-    "train.device": "cpu",
-    "train.compile": False,
-    "train.log_every": 1,
-}
+TINY = {**TINY_TRAINER, "epochs": 50, "train.log_every": 1}
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CI": "1"}
 # The launcher: starts the command it is given (as DVC does) and waits for it.
 LAUNCHER = (

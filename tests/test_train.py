@@ -441,6 +441,18 @@ def test_sigint_from_outside_saves_state_and_exits_130(
     assert again.returncode == 2 and "max_steps: None -> 30" in again.stderr
 
 
+def kill_9_at_step_40(cmd: list[str], env: dict[str, str]) -> None:
+    """Run the train command ``cmd`` and SIGKILL it once its progress line reaches step 40."""
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if "step 40/" in line:
+            proc.kill()
+            break
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+
+
 @pytest.mark.slow
 def test_kill_9_loses_at_most_the_unsaved_steps(
     tokenized_data: Callable[..., Path], tmp_path: Path
@@ -458,14 +470,7 @@ def test_kill_9_loses_at_most_the_unsaved_steps(
         "0",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CI": "1"}
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
-    assert proc.stderr is not None
-    for line in proc.stderr:
-        if "step 40/" in line:
-            proc.kill()
-            break
-    proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
+    kill_9_at_step_40(cmd, env)
     saved = final_state(tmp_path / "cut")  # whole, whatever instant the kill hit
     assert 30 <= saved["loop"]["step"] < 6 * STEPS_PER_EPOCH
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -500,14 +505,7 @@ def test_kill_9_keeps_one_continuous_dvclive_history(
         "1e9",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CI": "1"}
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
-    assert proc.stderr is not None
-    for line in proc.stderr:
-        if "step 40/" in line:
-            proc.kill()
-            break
-    proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
+    kill_9_at_step_40(cmd, env)
     saved_step = final_state(tmp_path / "cut")["loop"]["step"]
     live = train_outputs(tmp_path / "cut")["live_dir"]
     before = read_series(live)
@@ -536,18 +534,7 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_state(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    original = Infinito.forward
-    calls = [0]
-
-    def forward(self: Infinito, idx: torch.Tensor, targets: torch.Tensor | None = None) -> Any:
-        out = original(self, idx, targets)
-        if self.training:
-            calls[0] += 1
-            if calls[0] == 30:
-                out = out._replace(loss=out.loss * float("nan"))
-        return out
-
-    monkeypatch.setattr(Infinito, "forward", forward)
+    calls = conftest.nan_loss_at(monkeypatch, 30)
     params = write_params(tmp_path / "params.yaml")
     code = main([*train_cli_args(params, tokenized_data(), tmp_path), "--save-every-sec", "0"])
     assert code == 1

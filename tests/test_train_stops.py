@@ -24,42 +24,11 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import train_cli_args, write_params
+from conftest import TINY_TRAINER, nan_loss_at, train_cli_args, write_params
 
 from infinito import atomic, train
-from infinito.model import Infinito
 
-TINY = {
-    "epochs": 2,
-    "batch_size": 4,
-    "lr": 3e-3,
-    "data.seq_len": 32,
-    "model.vocab_size": 64,
-    "model.d_model": 32,
-    "model.n_layer": 1,
-    "model.n_head": 2,
-    "model.block_size": 32,
-    "model.memory_slots": 8,
-    "model.phi_chunk": 8,
-    "train.warmup_steps": 2,
-    "train.device": "cpu",
-    "train.compile": False,
-}
-
-
-def _nan_at(monkeypatch: pytest.MonkeyPatch, call: int) -> None:
-    original = Infinito.forward
-    calls = [0]
-
-    def forward(self: Infinito, idx: torch.Tensor, targets: torch.Tensor | None = None) -> Any:
-        out = original(self, idx, targets)
-        if self.training:
-            calls[0] += 1
-            if calls[0] == call:
-                out = out._replace(loss=out.loss * float("nan"))
-        return out
-
-    monkeypatch.setattr(Infinito, "forward", forward)
+TINY = TINY_TRAINER
 
 
 def test_a_nan_before_any_save_says_no_state_was_saved(
@@ -68,7 +37,7 @@ def test_a_nan_before_any_save_says_no_state_was_saved(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    _nan_at(monkeypatch, 3)
+    nan_loss_at(monkeypatch, 3)
     params = write_params(tmp_path / "params.yaml", TINY)
     assert train.main(train_cli_args(params, tokenized_data(), tmp_path)) == 1
     err = capsys.readouterr().err
@@ -85,7 +54,7 @@ def test_a_nan_after_a_save_names_the_saved_state_and_its_step(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    _nan_at(monkeypatch, 30)  # 23 steps per epoch: the epoch-end save at step 23 came first
+    nan_loss_at(monkeypatch, 30)  # 23 steps per epoch: the epoch-end save at step 23 came first
     params = write_params(tmp_path / "params.yaml", TINY)
     argv = [*train_cli_args(params, tokenized_data(), tmp_path), "--save-every-sec", "1000"]
     assert train.main(argv) == 1
