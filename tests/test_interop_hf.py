@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import command_env
 from safetensors.torch import load_file, save_file
-from tiny_model import populate, randomise
+from tiny_model import EXPORT_ABLATION, EXPORT_IIT, populate, randomise
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from infinito.config import ConfigError, ModelConfig, Params
@@ -28,17 +28,7 @@ pytestmark = pytest.mark.usefixtures("hub_offline")
 TOL = 1e-4  # max abs logit difference allowed between the two implementations (fp32)
 # The mapping alone: any vocabulary. Exports carry GPT-2's tokenizer: its vocabulary.
 SMALL = ModelConfig(vocab_size=61, d_model=32, n_layer=2, n_head=4, block_size=32, iit=False)
-ABLATION = ModelConfig(vocab_size=50257, d_model=32, n_layer=2, n_head=4, block_size=32, iit=False)
-IIT = ModelConfig(
-    vocab_size=50257,
-    d_model=32,
-    n_layer=2,
-    n_head=4,
-    block_size=32,
-    memory_slots=8,
-    phi_chunk=8,
-    threshold_init=0.5,  # low, so that the tiny model's chunks are written to its memory
-)
+ABLATION, IIT = EXPORT_ABLATION, EXPORT_IIT
 TEXT = "The history of the river town begins with a stone bridge and a wool market."
 
 

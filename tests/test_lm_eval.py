@@ -15,7 +15,7 @@ from conftest import REPO_ROOT
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
-from tiny_model import randomise
+from tiny_model import EXPORT_ABLATION, EXPORT_IIT, randomise
 
 from infinito.config import ModelConfig
 from infinito.data.splits import Window, nonoverlapping_windows, sliding_windows
@@ -35,17 +35,7 @@ pytestmark = pytest.mark.usefixtures("hub_offline")
 
 TASKS_DIR = REPO_ROOT / "tests" / "data" / "lm_eval"
 DOCS_TASK, CHOICE_TASK = "infinito_tiny_documents", "infinito_tiny_choices"
-ABLATION = ModelConfig(vocab_size=50257, d_model=32, n_layer=2, n_head=4, block_size=32, iit=False)
-IIT = ModelConfig(
-    vocab_size=50257,
-    d_model=32,
-    n_layer=2,
-    n_head=4,
-    block_size=32,
-    memory_slots=8,
-    phi_chunk=8,
-    threshold_init=0.5,  # low, so that the tiny model's chunks are written to its memory
-)
+ABLATION, IIT = EXPORT_ABLATION, EXPORT_IIT
 PPL_KEYS = ("word_perplexity", "byte_perplexity", "bits_per_byte")
 
 

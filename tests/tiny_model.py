@@ -19,6 +19,22 @@ TINY = ModelConfig(
 )
 
 
+# At GPT-2's vocabulary, as exports carry GPT-2's tokenizer: the export and lm-eval tests' models.
+EXPORT_ABLATION = ModelConfig(
+    vocab_size=50257, d_model=32, n_layer=2, n_head=4, block_size=32, iit=False
+)
+EXPORT_IIT = ModelConfig(
+    vocab_size=50257,
+    d_model=32,
+    n_layer=2,
+    n_head=4,
+    block_size=32,
+    memory_slots=8,
+    phi_chunk=8,
+    threshold_init=0.5,  # low, so that the tiny model's chunks are written to its memory
+)
+
+
 def build(cfg: ModelConfig = TINY, seed: int = 0) -> Infinito:
     torch.manual_seed(seed)
     return Infinito(cfg)
